@@ -1,0 +1,32 @@
+"""Dynamic YaRN (Peng et al. 2023, arXiv 2309.00071 section 3.3).
+
+YaRN with the factor taken from the current length l instead of fixed:
+
+    s(l) = max(1, l / L),  then YaRN's frequencies and attention scale at s(l)
+
+``factor`` is optional and only sets the default target length L' = factor * L. Length-dependent: see
+``RotaryEmbedding``'s KV-cache policy.
+"""
+
+from ropekit.methods._common import default_inv_freq, yarn_attention_scale, yarn_inv_freq
+from ropekit.methods.registry import MethodSpec, register
+from ropekit.methods.yarn import YARN_FIELDS
+
+
+def compute(cfg, seq_len):
+    scale = max(1.0, seq_len / cfg.original_max_position)
+    if scale == 1.0:
+        return default_inv_freq(cfg.base, cfg.rotary_dim), yarn_attention_scale(cfg, 1.0)
+    return yarn_inv_freq(cfg, scale), yarn_attention_scale(cfg, scale)
+
+
+SPEC = register(
+    MethodSpec(
+        "dynamic_yarn",
+        compute,
+        required=("original_max_position",),
+        accepted=("factor",) + YARN_FIELDS,
+        length_dependent=True,
+        summary="YaRN with s = max(1, l/L) from the current length",
+    )
+)

@@ -1,0 +1,19 @@
+"""Position Interpolation (Chen et al. 2023, arXiv 2306.15595), transformers' ``linear``.
+
+    inv_freq'_i = inv_freq_i / s
+
+Positions are squeezed by the factor s so that L' = s L maps onto the trained range [0, L).
+Short contexts lose resolution until fine-tuned (~1000 steps in the paper). Attention scale 1.
+"""
+
+from ropekit.methods._common import default_inv_freq
+from ropekit.methods.registry import MethodSpec, register
+
+
+def compute(cfg, seq_len=None):
+    return default_inv_freq(cfg.base, cfg.rotary_dim) / cfg.factor, 1.0
+
+
+SPEC = register(
+    MethodSpec("linear", compute, required=("factor",), hf_type="linear", summary="Position Interpolation: inv_freq / s")
+)
