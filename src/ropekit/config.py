@@ -59,7 +59,9 @@ HF_ROPE_KEYS = {
 }
 
 # Model types whose checkpoints pair channels (2i, 2i+1) in transformers.
-GPTJ_LAYOUT_MODEL_TYPES = {"gptj", "codegen", "gpt_neox_japanese_interleaved"}
+# DeepSeek V2/V3 checkpoints pair (2i, 2i+1) too (V2 rotates complex pairs; V3's rope_interleave path reads
+# interleaved pairs and hands back rotate-half order, the same scores under a fixed channel permutation).
+GPTJ_LAYOUT_MODEL_TYPES = {"gptj", "codegen", "deepseek_v2", "deepseek_v3"}
 
 _warned: set[str] = set()
 
@@ -324,7 +326,9 @@ class RopeConfig:
         if method == "default" and original:
             params["original_max_position"] = original
         if max_pos is not None and original and factor:
-            max_position = max(int(max_pos), int(round(factor * original)))
+            # A config that already states a longer length (Llama 3.2: 131072 with factor 32 over 8192) means it;
+            # one that kept the trained length (Qwen2.5 + yarn) reaches factor * L.
+            max_position = int(max_pos) if int(max_pos) > int(original) else int(round(factor * original))
         elif max_pos is not None:
             max_position = max(int(max_pos), int(original or 0))
         else:
@@ -333,6 +337,8 @@ class RopeConfig:
             max_position = int(round(factor * original))
 
         layout = "gptj" if d.get("model_type") in GPTJ_LAYOUT_MODEL_TYPES else "neox"
+        if d.get("rope_interleave") is False:
+            layout = "neox"  # DeepSeek-V3 with rope_interleave off: rotate-half weights
         kwargs = dict(head_dim=head_dim, rotary_dim=rotary_dim, base=base, layout=layout, method=method,
                       max_position=max_position, **params)
         kwargs.update(overrides)
@@ -522,6 +528,9 @@ def _as_dict(config: Any) -> dict[str, Any]:
 
 
 def _hf_head_dim(d: Mapping[str, Any]) -> int:
+    if d.get("qk_rope_head_dim") is not None:
+        # DeepSeek MLA: only the qk_rope_head_dim channels carry RoPE (transformers sets head_dim to it too).
+        return int(d["qk_rope_head_dim"])
     if d.get("head_dim") is not None:
         return int(d["head_dim"])
     hidden = _first(d.get("hidden_size"), d.get("n_embd"), d.get("d_model"))
