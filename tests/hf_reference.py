@@ -88,13 +88,23 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
 
+def exact_inv_freq(base: float, rotary_dim: int, digits: int = 30) -> list:
+    """RoPE's base^(-2i/d) as mpmath numbers at ``digits`` digits."""
+    import mpmath
+
+    mpmath.mp.dps = digits
+    b = mpmath.mpf(base)
+    return [b ** (-mpmath.mpf(2 * i) / rotary_dim) for i in range(rotary_dim // 2)]
+
+
 def exact_rotate(x: torch.Tensor, positions, base: float, rotary_dim: int, layout: str = "neox",
-                 digits: int = 30) -> torch.Tensor:
-    """Plain RoPE applied in float64 with angles and cos/sin from mpmath at ``digits`` digits.
+                 digits: int = 30, inv_freq: list | None = None, scale: float = 1.0) -> torch.Tensor:
+    """RoPE applied in float64 with angles and cos/sin from mpmath at ``digits`` digits.
 
     x: (seq, head_dim) (any float dtype, taken exactly into float64); positions: seq ints.
-    inv_freq_i = base^(-2i/d) and angle = position * inv_freq_i are evaluated exactly enough that the only
-    error left is the final float64 rounding (~1e-16 relative).
+    inv_freq: mpmath inverse frequencies (default: base^(-2i/d), plain RoPE); scale multiplies cos and sin.
+    Angles position * inv_freq_i are evaluated exactly enough that the only error left is the final float64
+    rounding (~1e-16 relative).
     """
     import mpmath
 
@@ -103,13 +113,13 @@ def exact_rotate(x: torch.Tensor, positions, base: float, rotary_dim: int, layou
     pos = [int(p) for p in positions]
     cos = torch.empty(len(pos), half, dtype=torch.float64)
     sin = torch.empty_like(cos)
-    b = mpmath.mpf(base)
-    inv = [b ** (-mpmath.mpf(2 * i) / rotary_dim) for i in range(half)]
+    inv = inv_freq if inv_freq is not None else exact_inv_freq(base, rotary_dim, digits)
+    m = mpmath.mpf(scale)
     for r, p in enumerate(pos):
         for i in range(half):
             a = p * inv[i]
-            cos[r, i] = float(mpmath.cos(a))
-            sin[r, i] = float(mpmath.sin(a))
+            cos[r, i] = float(m * mpmath.cos(a))
+            sin[r, i] = float(m * mpmath.sin(a))
     x = x.to(torch.float64)
     xr = x[..., :rotary_dim]
     if layout == "neox":
