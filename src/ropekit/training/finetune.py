@@ -1,0 +1,565 @@
+"""Continued training of a causal LM at a longer length with a RoPE scaling method.
+
+``train`` is the loop (AdamW, linear warm-up then constant learning rate, gradient accumulation, gradient
+checkpointing, bf16 autocast on CUDA only, DDP/FSDP under torchrun, periodic checkpoints and exact resume).
+``finetune`` is the whole job the ``ropekit finetune`` command runs: load, swap RoPE, pack data, train,
+evaluate, export.
+
+Loss normalisation: every micro-batch's summed token loss is divided by the number of predicted tokens in
+the whole global batch (all micro-batches of all ranks), so gradient accumulation and data parallelism give
+the gradient of one big batch — the same numbers as a single process, up to summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ropekit.training.data import PackedRows, load_documents, pack_documents, packed_forward_kwargs, tokenize_documents
+from ropekit.training.distributed import (
+    STRATEGIES,
+    DistContext,
+    all_reduce_sum,
+    context_from_group,
+    init_distributed,
+    wrap_model,
+)
+
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILE = "run.json"
+STATE_FILE = "state.pt"
+# Settings that do not change the numbers a run produces, so a resumed run may change them.
+NOT_FINGERPRINTED = ("steps", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Hyper-parameters of a fine-tuning run (defaults follow PI / YaRN: lr 2e-5, 20 warm-up steps, no decay).
+
+    ``batch_size`` is rows per micro-batch per process; one optimizer step sees
+    batch_size * grad_accum * world_size rows.
+    """
+
+    seq_len: int
+    steps: int
+    lr: float = 2e-5
+    warmup: int = 20
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = True
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 0
+    strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("seq_len", 2), ("steps", 1), ("batch_size", 1), ("grad_accum", 1),
+                              ("lora_rank", 1), ("warmup", 0), ("checkpoint_every", 0), ("keep_checkpoints", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm: must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: {self.strategy!r} not accepted; accepted: {', '.join(STRATEGIES)}")
+
+    @property
+    def resolved_lora_alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the numbers (everything but NOT_FINGERPRINTED)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
+        out["betas"] = list(self.betas)
+        if not self.lora:
+            out.pop("lora_rank")
+            out.pop("lora_alpha")
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did: per-step history ({"step", "loss", "lr", "tokens", "seconds"}), where it started."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_step: int = 0
+    final_step: int = 0
+    checkpoints: list[str] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+
+# ---------------------------------------------------------------------- fingerprints
+def run_fingerprint(settings: FinetuneSettings, rope: Any, model_id: str, data_id: str,
+                    world_size: int) -> dict[str, Any]:
+    """Everything a checkpoint must agree on to be resumed: settings, RoPE config, model, data, world size."""
+    rope_dict = rope.to_dict() if hasattr(rope, "to_dict") else rope
+    return {"settings": settings.fingerprint(), "rope": rope_dict, "model": model_id, "data": data_id,
+            "world_size": world_size}
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable 'key: checkpoint X, now Y' lines for every field that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(fingerprint_differences(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def model_identity(model: torch.nn.Module, source: str | None = None) -> str:
+    """A short id of the starting model: its source and a hash of its config."""
+    import hashlib
+
+    config = getattr(model, "config", None)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(model)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{source or type(model).__name__}#{digest}"
+
+
+# ---------------------------------------------------------------------- data order
+def batch_indices(step: int, n_rows: int, global_batch: int, seed: int) -> torch.Tensor:
+    """(global_batch,) row indices for optimizer step ``step``: epochs of seeded permutations laid end to end.
+
+    Depends only on (step, n_rows, global_batch, seed), so a resumed run sees the same rows.
+    """
+    start = step * global_batch
+    out = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n_rows)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n_rows, generator=gen)
+        out.extend(perm[offset:offset + global_batch - len(out)].tolist())
+    return torch.tensor(out, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Finished checkpoints under ``out_dir``/checkpoints, oldest first."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file())
+
+
+def _model_state(model: torch.nn.Module, strategy_sharded: bool, trainable_only: bool) -> dict[str, torch.Tensor]:
+    if strategy_sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=trainable_only))
+    names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if names is None or k in names}
+
+
+def _optimizer_state(model, optimizer, strategy_sharded: bool) -> dict[str, Any]:
+    if strategy_sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer, scheduler, fingerprint: dict,
+                    history: list, ctx: DistContext, settings: FinetuneSettings) -> Path:
+    """Write ``out_dir/checkpoints/step-NNNNNN`` atomically (temp folder + rename); keep the newest few.
+
+    Holds model (trainable parameters only under LoRA), optimizer, scheduler, step, loss history, the run
+    fingerprint, and every rank's RNG state. Collective: every rank must call it.
+    """
+    sharded = ctx.distributed and settings.strategy == "fsdp"
+    model_sd = _model_state(model, sharded, settings.lora)
+    optim_sd = _optimizer_state(model, optimizer, sharded)
+    root = Path(out_dir) / CHECKPOINT_DIR
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    torch.save(_rng_state(), tmp / f"rng-rank{ctx.rank}.pt")
+    if ctx.is_main:
+        torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
+                    "history": history}, tmp / STATE_FILE)
+        (tmp / RUN_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    ctx.barrier()
+    if ctx.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in list_checkpoints(out_dir)[:-settings.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return final
+
+
+def check_resumable(out_dir: str | Path, fingerprint: dict[str, Any]) -> Path:
+    """The newest checkpoint in ``out_dir`` if its run fingerprint equals ``fingerprint``; ValueError otherwise."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        raise ValueError(f"resume: no checkpoint under {Path(out_dir) / CHECKPOINT_DIR}")
+    latest = found[-1]
+    saved = json.loads((latest / RUN_FILE).read_text())
+    diffs = fingerprint_differences(saved, json.loads(json.dumps(fingerprint)))
+    if diffs:
+        raise ValueError(f"resume: {latest} was made by a different run configuration: " + "; ".join(diffs))
+    return latest
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, ctx: DistContext,
+                    settings: FinetuneSettings) -> tuple[int, list]:
+    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns (step, history)."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    sharded = ctx.distributed and settings.strategy == "fsdp"
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=not settings.lora))
+    else:
+        missing, unexpected = model.load_state_dict(state["model"], strict=not settings.lora)
+        if unexpected:
+            raise ValueError(f"resume: checkpoint has parameters this model lacks: {unexpected[:5]}")
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = path / f"rng-rank{ctx.rank}.pt"
+    _set_rng_state(torch.load(rng, weights_only=False))
+    return int(state["step"]), list(state["history"])
+
+
+# ---------------------------------------------------------------------- the loop
+def set_gradient_checkpointing(model: torch.nn.Module, enable: bool) -> None:
+    """Turn transformers' activation checkpointing on (non-reentrant) or off; ValueError if the model lacks it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    if enable:
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        elif hasattr(base, "gradient_checkpointing_enable"):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raise ValueError("gradient-checkpointing: this model does not support it; pass --no-gradient-checkpointing")
+    elif hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    elif hasattr(base, "gradient_checkpointing_disable"):
+        base.gradient_checkpointing_disable()
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps (step 1 already gets lr/warmup, never 0), then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+
+
+def train(
+    model: torch.nn.Module,
+    rows: PackedRows,
+    settings: FinetuneSettings,
+    *,
+    out_dir: str | Path | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    resume: bool = False,
+    ctx: DistContext | None = None,
+    progress: bool = True,
+    desc: str = "fine-tune",
+    after_backward: Callable[[int, torch.nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` (already on its device, RoPE already swapped, LoRA already applied) on packed ``rows``.
+
+    Args:
+        rows: PackedRows of settings.seq_len tokens.
+        out_dir: where checkpoints go (``out_dir/checkpoints/step-N``); None: no checkpoints.
+        fingerprint: the run fingerprint stored in checkpoints and checked on resume.
+        resume: continue from the newest checkpoint in out_dir (its fingerprint must equal ``fingerprint``).
+        ctx: the process group (default: the initialised one, or a single process).
+        after_backward: called as f(step, model) once the step's gradients are complete (before clipping).
+    """
+    from tqdm.auto import tqdm
+
+    ctx = ctx or context_from_group()
+    if rows.seq_len != settings.seq_len:
+        raise ValueError(f"rows: packed at {rows.seq_len} tokens, settings.seq_len is {settings.seq_len}")
+    per_rank = settings.batch_size * settings.grad_accum
+    global_batch = per_rank * ctx.world_size
+    if len(rows) < global_batch:
+        raise ValueError(f"data: {len(rows)} rows of {settings.seq_len} tokens, fewer than one global batch "
+                         f"({settings.batch_size} x {settings.grad_accum} accumulation x {ctx.world_size} processes)")
+    if (resume or settings.checkpoint_every) and out_dir is None:
+        raise ValueError("out_dir: needed for checkpoints and resume")
+    fingerprint = fingerprint or {}
+    if out_dir is not None and not resume and list_checkpoints(out_dir):
+        raise ValueError(f"out: {out_dir} already holds checkpoints; pass --resume to continue that run "
+                         f"or choose another --out")
+    latest = check_resumable(out_dir, fingerprint) if resume else None
+
+    torch.manual_seed(settings.seed)
+    if settings.gradient_checkpointing:
+        set_gradient_checkpointing(model, True)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    model.train()
+    wrapped = wrap_model(model, ctx, settings.strategy)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=settings.betas)
+    scheduler = warmup_schedule(optimizer, settings.warmup)
+
+    result = TrainResult()
+    step = 0
+    if latest is not None:
+        step, result.history = load_checkpoint(latest, wrapped, optimizer, scheduler, ctx, settings)
+    result.start_step = step
+    if step >= settings.steps:
+        result.final_step = step
+        return result
+
+    device = ctx.device
+    dtype = next(model.parameters()).dtype
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    is_ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    is_fsdp = ctx.distributed and settings.strategy == "fsdp"
+    bar = tqdm(total=settings.steps, initial=step, desc=desc, disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
+    try:
+        while step < settings.steps:
+            t0 = time.perf_counter()
+            index = batch_indices(step, len(rows), global_batch, settings.seed)
+            n_tokens = rows.rows(index).predicted_tokens()
+            if n_tokens == 0:
+                raise ValueError(f"data: step {step + 1}'s batch has no token to predict")
+            mine = index[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+            lr_now = scheduler.get_last_lr()[0]
+            local_loss = torch.zeros((), dtype=torch.float64)
+            for micro in range(settings.grad_accum):
+                batch = rows.rows(mine[micro * settings.batch_size:(micro + 1) * settings.batch_size])
+                last = micro == settings.grad_accum - 1
+                sync = contextlib.nullcontext() if (last or not is_ddp) else wrapped.no_sync()
+                if is_fsdp:
+                    wrapped.set_requires_gradient_sync(last)
+                with sync:
+                    with autocast:
+                        out = wrapped(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
+                                      num_items_in_batch=n_tokens,
+                                      **packed_forward_kwargs(batch.position_ids.to(device), dtype))
+                    # DDP / FSDP average gradients over ranks; the loss is already a share of the global mean.
+                    (out.loss * ctx.world_size).backward()
+                local_loss += out.loss.detach().to("cpu", torch.float64)
+            if after_backward is not None:
+                after_backward(step, model)
+            if settings.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = all_reduce_sum(local_loss, ctx)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
+            result.history.append({"step": step, "loss": loss, "lr": lr_now, "tokens": n_tokens,
+                                   "seconds": time.perf_counter() - t0})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_now:.2e}")
+            if out_dir is not None and ((settings.checkpoint_every and step % settings.checkpoint_every == 0)
+                                        or (settings.checkpoint_every and step == settings.steps)):
+                result.checkpoints.append(str(save_checkpoint(Path(out_dir), step, wrapped, optimizer, scheduler,
+                                                              fingerprint, result.history, ctx, settings)))
+    finally:
+        bar.close()
+    if settings.gradient_checkpointing:
+        set_gradient_checkpointing(model, False)
+    model.eval()
+    result.final_step = step
+    return result
+
+
+# ---------------------------------------------------------------------- LoRA
+def add_lora(model: torch.nn.Module, settings: FinetuneSettings) -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA adapters on the attention and MLP projections (base weights frozen)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("lora: needs the peft package (pip install 'ropekit[lora]')") from None
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = sorted(names & {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    if not targets:
+        raise ValueError(f"lora: no q_proj/k_proj/v_proj/o_proj linear layers in this model (found {sorted(names)})")
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.resolved_lora_alpha, lora_dropout=0.0,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    _skip_incompatible_torchao()
+    return get_peft_model(model, config)
+
+
+def _skip_incompatible_torchao() -> None:
+    """peft >= 0.18 raises ImportError while wrapping *any* Linear when an older torchao (< 0.16, e.g. pulled in
+    by torchtune) is installed. Its torchao dispatcher only serves torchao-quantized weights, which ropekit never
+    loads, so tell that dispatcher torchao is absent instead of failing."""
+    try:
+        from peft.import_utils import is_torchao_available
+        from peft.tuners.lora import torchao as peft_torchao
+    except ImportError:
+        return
+    try:
+        is_torchao_available()
+    except ImportError:
+        peft_torchao.is_torchao_available = lambda: False
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold LoRA adapters into the base weights and return the plain model (identity without LoRA)."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+# ---------------------------------------------------------------------- the whole job
+def trained_length(loaded: Any) -> int:
+    """The length the loaded model was trained at (its RoPE's original_max_position, else the config's)."""
+    rope = getattr(loaded, "rope", None)
+    value = getattr(rope, "original_max_position", None)
+    if value is None:
+        value = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    if value is None:
+        raise ValueError("model: cannot tell its trained context length (no original_max_position / "
+                         "max_position_embeddings)")
+    return int(value)
+
+
+def prepare_rows(data: str | Path, tokenizer: Any, seq_len: int) -> PackedRows:
+    """Read, tokenize and pack ``data`` (file or folder) at ``seq_len``."""
+    docs = load_documents(data)
+    tokens = tokenize_documents(docs, tokenizer)
+    return pack_documents(tokens, seq_len)
+
+
+def finetune(
+    source: str,
+    *,
+    method: str,
+    factor: float | None,
+    data: str | Path,
+    out_dir: str | Path,
+    settings: FinetuneSettings,
+    resume: bool = False,
+    device: str | None = None,
+    rope_options: dict[str, Any] | None = None,
+    evaluate: bool = True,
+    export: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The ``ropekit finetune`` job; returns a summary dict (also written to out_dir/training.json)."""
+    from ropekit.commands.common import build_rope_config
+    from ropekit.models import apply_rope, export_model, load_model
+
+    ctx = init_distributed(device)
+    out_dir = Path(out_dir)
+    torch.manual_seed(settings.seed)
+    loaded = load_model(source, device=str(ctx.device), dtype=torch.float32)
+    trained = trained_length(loaded)
+    if settings.seq_len < trained:
+        raise ValueError(f"seq-len: {settings.seq_len} is smaller than the model's trained length {trained}; "
+                         f"fine-tuning for a longer context needs --seq-len >= {trained}")
+    cfg = build_rope_config(loaded.rope, method, factor, **(rope_options or {}))
+    rows = prepare_rows(data, loaded.tokenizer, settings.seq_len)
+    model = loaded.model
+    patch = apply_rope(model, cfg)
+    if cfg.length_dependent:
+        patch.fix_length(settings.seq_len)  # one scale for every packed row: the training length's
+    if settings.lora:
+        model = add_lora(model, settings)
+    fingerprint = run_fingerprint(settings, cfg, model_identity(loaded.model, str(source)), rows.fingerprint(),
+                                  ctx.world_size)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    result = train(model, rows, settings, out_dir=out_dir, fingerprint=fingerprint, resume=resume, ctx=ctx,
+                   progress=progress)
+    summary: dict[str, Any] = {"source": str(source), "rope": cfg.to_dict(), "settings": settings.fingerprint(),
+                               "steps": settings.steps, "world_size": ctx.world_size, "rows": len(rows),
+                               "history": result.history, "resumed_from_step": result.start_step}
+    model = merge_lora(model)
+    if ctx.is_main and evaluate:
+        summary["evaluation"] = evaluate_after_training(model, loaded.tokenizer, cfg, data, settings.seq_len,
+                                                        ctx.device)
+    if ctx.is_main and export:
+        patch.remove()
+        export_dir = out_dir / "model"
+        export_model(model, cfg, export_dir, tokenizer=loaded.tokenizer)
+        summary["exported"] = str(export_dir)
+    if ctx.is_main:
+        (out_dir / "training.json").write_text(json.dumps(summary, indent=2, default=str))
+        plot_training_curves({f"{cfg.method}": result.history}, out_dir / "training_curve.png")
+    ctx.barrier()
+    return summary
+
+
+def evaluate_after_training(model, tokenizer, cfg, data, seq_len: int, device) -> dict[str, Any]:
+    """Perplexity by position bucket at ``seq_len`` on ``data`` with the evaluation package."""
+    try:
+        from ropekit import evaluation
+    except ImportError:
+        return {"skipped": "ropekit.evaluation is not installed"}
+    return evaluation.evaluate_after_finetune(model, tokenizer, cfg, data, seq_len, device=device)
+
+
+def plot_training_curves(histories: dict[str, list[dict]], path: str | Path, title: str = "training loss") -> Path:
+    """One line per run: loss against optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, history in histories.items():
+        if history:
+            ax.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
