@@ -117,12 +117,18 @@ class RopeConfig:
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
+        if not isinstance(self.method, str):
+            raise ValueError(f"method: must be a method name (str), got {self.method!r}; accepted: "
+                             f"{', '.join(method_names())}")
         method = METHOD_ALIASES.get(self.method, self.method)
         set_("method", method)
         spec = get_method(method)
 
         _check_int("head_dim", self.head_dim, minimum=2)
         set_("head_dim", int(self.head_dim))
+        if self.rotary_dim is None and self.head_dim % 2:
+            raise ValueError(f"head_dim: {self.head_dim} is odd, so it cannot all rotate in pairs; "
+                             f"set an even rotary_dim < head_dim (partial rotary)")
         rotary_dim = self.head_dim if self.rotary_dim is None else self.rotary_dim
         _check_int("rotary_dim", rotary_dim, minimum=2)
         if rotary_dim % 2:
@@ -267,6 +273,8 @@ class RopeConfig:
         if rope_type is not None and legacy_type is not None and rope_type != legacy_type:
             raise ValueError(f"rope_type: {rope_type!r} contradicts type: {legacy_type!r}")
         method = rope_type or legacy_type or "default"
+        if not isinstance(method, str):
+            raise ValueError(f"rope_type: must be a string, got {method!r}; accepted: {', '.join(method_names())}")
         method = METHOD_ALIASES.get(method, method)
         if method not in method_names():
             raise ValueError(f"rope_type: {method!r} is not supported; accepted: {', '.join(method_names())}")
@@ -372,6 +380,8 @@ class RopeConfig:
                 value = getattr(self, name)
                 if value is None or name == "n_hat":
                     continue
+                if self.method == "dynamic" and name == "original_max_position":
+                    continue  # transformers' dynamic reads the trained length from max_position_embeddings
                 params[reverse[name]] = list(value) if isinstance(value, tuple) else value
             if self.n_hat:
                 raise ValueError("n_hat: transformers' longrope has no unscaled leading positions; set n_hat=0")

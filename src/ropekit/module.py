@@ -11,11 +11,18 @@ KV-cache policy (dynamic NTK, dynamic YaRN, LongRoPE short/long):
   Keys cached under an older scale are then stale; re-rotate them with ``rescale_keys`` before use.
   Decoding token by token then equals a full forward pass over each prefix.
 
+Positions: ``max_position`` is the longest sequence the config is meant for (``cfg.target_length``: the
+extended length L', or the trained one without scaling; None when the config names neither). The rotation is
+computed from integer positions, not a table, so positions past it are still rotated exactly; pass
+``check_positions=True`` to make any position >= ``max_position`` an error instead.
+
 The module holds no parameters and persists no buffers: frequencies are derived from the config, in
 float64 on the CPU, and moved to the input's device on use (so ``model.to(bfloat16)`` cannot touch them).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -25,6 +32,7 @@ from ropekit.methods import Frequencies, frequencies
 from ropekit.rotation import apply_rotary, cos_sin, reapply_frequencies, rerotate, resolve_positions
 
 DYNAMIC_POLICIES = ("freeze", "recompute")
+FREQUENCY_CACHE_SIZE = 16  # resolved (seq_len, device) entries kept per module
 
 
 class RotaryEmbedding(nn.Module):
@@ -34,26 +42,38 @@ class RotaryEmbedding(nn.Module):
         cfg: the ``RopeConfig``.
         heads_first: inputs are (batch, heads, seq, head_dim) if True, (batch, seq, heads, head_dim) if False.
         dynamic_policy: "freeze" or "recompute", see the module docstring.
+        check_positions: raise ValueError for positions >= ``max_position`` (needs a known target length).
 
     Call as ``rope(q, k, positions)`` -> ``(q_rotated, k_rotated)``.
     """
 
-    def __init__(self, cfg: RopeConfig, *, heads_first: bool = True, dynamic_policy: str = "freeze") -> None:
+    def __init__(self, cfg: RopeConfig, *, heads_first: bool = True, dynamic_policy: str = "freeze",
+                 check_positions: bool = False) -> None:
         super().__init__()
         if not isinstance(cfg, RopeConfig):
             raise ValueError(f"cfg: expected a RopeConfig, got {type(cfg).__name__}")
         if dynamic_policy not in DYNAMIC_POLICIES:
             raise ValueError(f"dynamic_policy: {dynamic_policy!r} not accepted; accepted: {', '.join(DYNAMIC_POLICIES)}")
+        if check_positions and cfg.target_length is None:
+            raise ValueError("check_positions: the config has no target length (set max_position or "
+                             "original_max_position) to check positions against")
         self.cfg = cfg
+        self.check_positions = bool(check_positions)
         self.heads_first = heads_first
         self.dynamic_policy = dynamic_policy
         self._frozen_seq_len: int | None = None
-        self._cache: dict[tuple, Frequencies] = {}
+        # (seq_len, device) -> Frequencies; bounded, since "recompute" decoding meets a new length every token.
+        self._cache: OrderedDict[tuple, Frequencies] = OrderedDict()
 
     # ------------------------------------------------------------------ frequencies
     @property
     def length_dependent(self) -> bool:
         return self.cfg.length_dependent
+
+    @property
+    def max_position(self) -> int | None:
+        """The longest sequence this config is for (``cfg.target_length``); positions run 0..max_position-1."""
+        return self.cfg.target_length
 
     def frequencies(self, seq_len: int | None = None, device: torch.device | str = "cpu") -> Frequencies:
         """Frequencies for a sequence of ``seq_len`` tokens (ignored unless the method is length-dependent)."""
@@ -65,6 +85,9 @@ class RotaryEmbedding(nn.Module):
                 base = frequencies(self.cfg, key_len)
                 self._cache[(key_len, "cpu")] = base
             self._cache[key] = base.to(device)
+        self._cache.move_to_end(key)
+        while len(self._cache) > FREQUENCY_CACHE_SIZE:
+            self._cache.popitem(last=False)
         return self._cache[key]
 
     def begin_sequence(self, seq_len: int | None = None) -> None:
@@ -115,15 +138,26 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, *, seq_len: int | None = None, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Half-size (cos, sin) tables for ``positions``, attention scale included, shape positions.shape + (rotary_dim/2,)."""
-        pos = resolve_positions(positions, positions.shape[0] if positions.dim() == 2 else 1,
-                                positions.shape[-1], positions.device)
+        pos = self._check_bound(resolve_positions(positions, positions.shape[0] if positions.dim() == 2 else 1,
+                                                  positions.shape[-1], positions.device))
         freqs = self.frequencies(self.resolve_seq_len(pos, seq_len), positions.device)
         return cos_sin(freqs, pos, dtype=dtype)
 
     def _positions(self, ref: torch.Tensor, positions) -> torch.Tensor:
         seq_axis = -2 if self.heads_first else -3
         batch = ref.shape[0] if ref.dim() == 4 else 1
-        return resolve_positions(positions, batch, ref.shape[seq_axis], ref.device)
+        return self._check_bound(resolve_positions(positions, batch, ref.shape[seq_axis], ref.device))
+
+    def _check_bound(self, pos: torch.Tensor) -> torch.Tensor:
+        if self.check_positions and pos.numel():
+            limit = self.max_position
+            if pos.device.type == "cpu":
+                if int(pos.max()) >= limit:
+                    raise ValueError(f"positions: {int(pos.max())} is beyond max_position {limit} "
+                                     f"(positions must be < {limit}; check_positions=True)")
+            else:
+                torch._assert_async(pos.max() < limit, f"positions: beyond max_position {limit}")
+        return pos
 
     # ------------------------------------------------------------------ KV cache helpers
     def rerotate(self, k: torch.Tensor, delta: int | torch.Tensor, positions=None) -> torch.Tensor:
