@@ -1,0 +1,244 @@
+"""RopeConfig: reading every config form, validation errors that name the field, warnings, GGUF metadata."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import ropekit
+from ropekit import RopeConfig
+
+LLAMA = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, "max_position_embeddings": 8192}
+
+
+def hf(**rope):
+    return {**LLAMA, **rope}
+
+
+# ---------------------------------------------------------------------- forms
+def test_old_and_new_forms_and_type_keys_agree():
+    params = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    forms = [
+        hf(rope_theta=5e5, rope_scaling={**params, "rope_type": "llama3"}),
+        hf(rope_theta=5e5, rope_scaling={**params, "type": "llama3"}),
+        hf(rope_parameters={**params, "rope_type": "llama3", "rope_theta": 5e5}),
+        hf(rope_theta=5e5, rope_parameters={**params, "rope_type": "llama3"}),
+        hf(rope_parameters={**params, "type": "llama3", "rope_type": "llama3", "rope_theta": 5e5}),
+    ]
+    cfgs = [RopeConfig.from_hf(f) for f in forms]
+    assert all(c == cfgs[0] for c in cfgs)
+    assert (cfgs[0].method, cfgs[0].base, cfgs[0].factor, cfgs[0].original_max_position) == ("llama3", 5e5, 8.0, 8192)
+
+
+def test_transformers_config_object_reads_like_its_dict():
+    from transformers import LlamaConfig
+
+    d = hf(rope_theta=1e6, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048})
+    obj = LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    assert RopeConfig.from_hf(obj) == RopeConfig.from_hf(d)
+
+
+def test_head_dim_wins_and_partial_rotary_keys():
+    assert RopeConfig.from_hf(hf(head_dim=128, hidden_size=5120)).head_dim == 128
+    assert RopeConfig.from_hf(hf()).head_dim == 128
+    assert RopeConfig.from_hf(hf(partial_rotary_factor=0.5)).rotary_dim == 64
+    assert RopeConfig.from_hf(hf(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.25})).rotary_dim == 32
+    assert RopeConfig.from_hf(hf(rotary_pct=0.25, rotary_emb_base=20000)).rotary_dim == 32
+    assert RopeConfig.from_hf(hf(rotary_pct=0.25, rotary_emb_base=20000)).base == 20000.0
+    assert RopeConfig.from_hf({"n_embd": 4096, "n_head": 16, "rotary_dim": 64}).rotary_dim == 64
+    assert RopeConfig.from_hf({"d_model": 512, "num_heads": 8}).head_dim == 64
+
+
+def test_default_rope_type_dict_is_not_scaling():
+    cfg = RopeConfig.from_hf(hf(rope_parameters={"rope_type": "default", "rope_theta": 1e5}))
+    assert cfg.method == "default" and not cfg.is_scaled and cfg.factor is None
+    assert RopeConfig.from_hf(hf(rope_scaling={"type": "default"})).is_scaled is False
+    assert RopeConfig.from_hf(hf(rope_scaling=None)).is_scaled is False
+
+
+def test_aliases_of_other_tools():
+    su = RopeConfig.from_hf(hf(rope_scaling={"type": "su", "short_factor": [1.0] * 64, "long_factor": [2.0] * 64,
+                                             "original_max_position_embeddings": 4096}))
+    assert su.method == "longrope" and su.factor == 2.0  # factor from max_position_embeddings / original
+    assert RopeConfig(head_dim=8, method="pi", factor=2.0).method == "linear"
+
+
+def test_trained_and_target_lengths_are_separate():
+    qwen = RopeConfig.from_hf(hf(max_position_embeddings=32768, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}))
+    assert (qwen.original_max_position, qwen.target_length) == (32768, 131072)
+    l32 = RopeConfig.from_hf(hf(max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "original_max_position_embeddings": 8192}))
+    assert (l32.original_max_position, l32.target_length, l32.factor) == (8192, 131072, 32.0)
+    dyn = RopeConfig.from_hf(hf(max_position_embeddings=4096, rope_scaling={"type": "dynamic", "factor": 2.0}))
+    assert (dyn.original_max_position, dyn.target_length) == (4096, 8192)
+    assert RopeConfig(head_dim=8, method="linear", factor=2.0, original_max_position=100).target_length == 200
+
+
+def test_per_layer_rope_needs_layer_type():
+    gemma3 = {"head_dim": 256, "layer_types": ["sliding_attention", "full_attention"], "max_position_embeddings": 131072,
+              "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    with pytest.raises(ValueError, match="layer_type: this config has one RoPE per layer type; pass one of: "
+                                         "full_attention, sliding_attention"):
+        RopeConfig.from_hf(gemma3)
+    full = RopeConfig.from_hf(gemma3, layer_type="full_attention")
+    local = RopeConfig.from_hf(gemma3, layer_type="sliding_attention")
+    assert (full.method, full.factor, full.base) == ("linear", 8.0, 1e6)
+    assert (local.method, local.base) == ("default", 1e4)
+    with pytest.raises(ValueError, match="layer_type: 'chunked' not in this config; accepted: full_attention"):
+        RopeConfig.from_hf(gemma3, layer_type="chunked")
+    with pytest.raises(ValueError, match="layer_type: 'full_attention' given but the config has one RoPE"):
+        RopeConfig.from_hf(hf(), layer_type="full_attention")
+
+
+def test_unknown_keys_warn_once():
+    d = hf(rope_parameters={"rope_type": "default", "zz_unknown_once": 1})
+    with pytest.warns(UserWarning, match="rope_parameters: unknown key 'zz_unknown_once' ignored"):
+        RopeConfig.from_hf(d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second read of the same key stays quiet
+        RopeConfig.from_hf(d)
+
+
+def test_keys_the_method_does_not_read_warn():
+    with pytest.warns(UserWarning, match="key 'beta_fast' is not used by rope_type 'linear'"):
+        RopeConfig.from_hf(hf(rope_scaling={"type": "linear", "factor": 2.0, "beta_fast": 32}))
+
+
+def test_overrides_and_replace_and_with_method():
+    cfg = RopeConfig.from_hf(hf(), layout="gptj")
+    assert cfg.layout == "gptj"
+    yarn = cfg.with_method("yarn", factor=4.0)
+    assert (yarn.method, yarn.factor, yarn.original_max_position) == ("yarn", 4.0, 8192)
+    back = yarn.with_method("ntk", factor=2.0)
+    assert back.method == "ntk" and back.factor == 2.0
+    assert yarn.to_dict()["factor"] == 4.0 and "beta_fast" not in yarn.to_dict()
+
+
+def test_length_dependent_flags():
+    base = RopeConfig(head_dim=8, original_max_position=16)
+    assert base.with_method("dynamic", factor=2.0).length_dependent
+    assert base.with_method("dynamic_yarn").length_dependent
+    assert not base.with_method("yarn", factor=2.0).length_dependent
+    assert not base.length_dependent
+
+
+# ---------------------------------------------------------------------- errors naming the field
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(head_dim=64, rotary_dim=33), r"rotary_dim: must be even"),
+    (dict(head_dim=63), r"head_dim: 63 is odd"),
+    (dict(head_dim=64, rotary_dim=128), r"rotary_dim: must be <= head_dim \(64\), got 128"),
+    (dict(head_dim=0), r"head_dim: must be >= 2"),
+    (dict(head_dim=64.5), r"head_dim: must be an integer"),
+    (dict(head_dim=64, base=1.0), r"base: must be > 1"),
+    (dict(head_dim=64, method="linear", factor=0.5), r"factor: must be >= 1"),
+    (dict(head_dim=64, method="linear", factor="2"), r"factor: must be a finite number"),
+    (dict(head_dim=64, method="linear", factor=float("nan")), r"factor: must be a finite number"),
+    (dict(head_dim=64, method="linear"), r"factor: required by method 'linear'"),
+    (dict(head_dim=64, method="yarn", factor=2.0), r"original_max_position: required by method 'yarn'"),
+    (dict(head_dim=64, method="llama3", factor=8.0), r"original_max_position: required by method 'llama3'"),
+    (dict(head_dim=64, method="dynamic", factor=2.0), r"original_max_position: required by method 'dynamic'"),
+    (dict(head_dim=64, method="base"), r"new_base: required by method 'base'"),
+    (dict(head_dim=64, method="magic"), r"method: unknown scaling method 'magic'; accepted: default, linear, ntk, "
+                                        r"dynamic, yarn, dynamic_yarn, llama3, longrope, base"),
+    (dict(head_dim=64, method=["yarn"]), r"method: must be a method name .*accepted: default, linear"),
+    (dict(head_dim=64, layout="rotate_half"), r"layout: unknown channel layout 'rotate_half'; accepted: neox, gptj"),
+    (dict(head_dim=64, factor=2.0), r"factor: not used by method 'default'; it is a parameter of: linear"),
+    (dict(head_dim=64, method="yarn", factor=2.0, original_max_position=64, beta_fast=1, beta_slow=32),
+     r"beta_fast: must be > beta_slow"),
+    (dict(head_dim=64, method="llama3", factor=8.0, original_max_position=64, low_freq_factor=4.0,
+          high_freq_factor=1.0), r"high_freq_factor: must be > low_freq_factor"),
+    (dict(head_dim=64, method="linear", factor=2.0, original_max_position=100, max_position=50),
+     r"max_position: the target length \(50\) must be >= original_max_position \(100\)"),
+    (dict(head_dim=64, method="longrope", original_max_position=64, short_factor=[1.0] * 31, long_factor=[1.0] * 32),
+     r"short_factor: needs rotary_dim/2 = 32 entries \(one per pair\), got 31"),
+    (dict(head_dim=64, method="longrope", original_max_position=64, short_factor=[1.0] * 32, long_factor=[1.0] * 48),
+     r"long_factor: needs rotary_dim/2 = 32 entries \(one per pair\), got 48"),
+    (dict(head_dim=64, method="longrope", original_max_position=64, short_factor=[1.0] * 32,
+          long_factor=[0.0] * 32), r"long_factor: every entry must be a finite number > 0"),
+    (dict(head_dim=64, method="longrope", original_max_position=64, short_factor="1,2", long_factor=[1.0] * 32),
+     r"short_factor: must be a list of 32 numbers"),
+    (dict(head_dim=64, method="longrope", original_max_position=64, long_factor=[1.0] * 32),
+     r"short_factor: required by method 'longrope'"),
+    (dict(head_dim=64, method="yarn", factor=2.0, original_max_position=64, truncate="yes"),
+     r"truncate: must be true or false"),
+    (dict(head_dim=64, method="longrope", original_max_position=64, short_factor=[1.0] * 32,
+          long_factor=[1.0] * 32, n_hat=-1), r"n_hat: must be >= 0"),
+])
+def test_bad_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RopeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({**LLAMA, "rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+     r"rope_theta: 10000.0 at the top level contradicts 500000.0 in rope_parameters"),
+    (hf(rope_parameters={"rope_type": "yarn", "type": "linear", "factor": 2.0}),
+     r"rope_type: 'yarn' contradicts type: 'linear'"),
+    (hf(rope_parameters={"rope_type": "yarn", "factor": 2.0}, rope_scaling={"type": "linear", "factor": 2.0}),
+     r"rope_parameters: rope_type 'yarn' contradicts rope_scaling's 'linear'"),
+    (hf(rope_parameters={"rope_type": "magic"}), r"rope_type: 'magic' is not supported; accepted: default, linear"),
+    (hf(rope_parameters={"rope_type": ["yarn"]}), r"rope_type: must be a string"),
+    (hf(rope_parameters={"rope_type": "linear"}), r"factor: required by rope_type 'linear'"),
+    ({"head_dim": 64, "rope_scaling": {"type": "yarn", "factor": 4.0}},
+     r"max_position_embeddings: needed to know the trained length for rope_type 'yarn'"),
+    ({"head_dim": 10, "partial_rotary_factor": 0.5}, r"rotary_dim: must be even"),
+    (hf(partial_rotary_factor=1.5), r"partial_rotary_factor: must be in \(0, 1\]"),
+    ({"hidden_size": 100, "num_attention_heads": 3}, r"head_dim: hidden_size 100 is not divisible"),
+    ({"num_attention_heads": 3}, r"head_dim: not given"),
+    (hf(rope_scaling={"type": "linear", "factor": 0.5}), r"factor: must be >= 1"),
+    (hf(rope_theta="1e4"), r"rope_theta: must be a finite number"),
+])
+def test_bad_hf_config_errors_name_the_field(config, match):
+    with pytest.raises(ValueError, match=match):
+        RopeConfig.from_hf(config)
+
+
+def test_from_hf_rejects_non_configs():
+    with pytest.raises(TypeError, match="config: expected a config.json dict or a transformers config"):
+        RopeConfig.from_hf(42)
+
+
+# ---------------------------------------------------------------------- GGUF metadata
+def test_from_gguf_metadata_dicts():
+    meta = {"general.architecture": "llama", "llama.context_length": 131072, "llama.embedding_length": 4096,
+            "llama.attention.head_count": 32, "llama.rope.freq_base": 500000.0, "llama.rope.dimension_count": 128,
+            "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 8192}
+    cfg = RopeConfig.from_gguf(meta)
+    assert (cfg.method, cfg.factor, cfg.original_max_position, cfg.base, cfg.head_dim) == (
+        "linear", 4.0, 8192, 5e5, 128)
+    assert cfg.target_length == 131072 and cfg.layout == "neox"
+    assert RopeConfig.from_gguf(meta, layout="file").layout == "gptj"
+    qwen = dict(meta, **{"general.architecture": "qwen2"})
+    qwen = {k.replace("llama.", "qwen2."): v for k, v in qwen.items()}
+    assert RopeConfig.from_gguf(qwen, layout="file").layout == "neox"
+    with pytest.raises(ValueError, match=r"llama.rope.scaling.type: 'magic' is not supported"):
+        RopeConfig.from_gguf(dict(meta, **{"llama.rope.scaling.type": "magic"}))
+    with pytest.raises(ValueError, match="general.architecture: missing"):
+        RopeConfig.from_gguf({"llama.context_length": 4})
+    with pytest.raises(ValueError, match=r"llama.rope.scaling.factor: required"):
+        RopeConfig.from_gguf({k: v for k, v in meta.items() if k != "llama.rope.scaling.factor"})
+    with pytest.raises(ValueError, match="layout: 'weird' not accepted for GGUF"):
+        RopeConfig.from_gguf(meta, layout="weird")
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        RopeConfig.from_gguf("/nonexistent/model.gguf")
+    with pytest.warns(UserWarning, match="gguf: unknown key 'llama.rope.zz_mystery' ignored"):
+        RopeConfig.from_gguf(dict(meta, **{"llama.rope.zz_mystery": 1}))
+
+
+def test_to_hf_content():
+    cfg = RopeConfig(head_dim=96, rotary_dim=24, base=1e4, method="yarn", factor=4.0, original_max_position=2048)
+    out = cfg.to_hf()
+    # Older transformers read partial_rotary_factor only at the top level: it stays out of rope_scaling.
+    assert out["rope_scaling"] == {k: v for k, v in out["rope_parameters"].items() if k != "partial_rotary_factor"}
+    assert out["rope_parameters"]["rope_type"] == "yarn" and out["partial_rotary_factor"] == 0.25
+    assert out["max_position_embeddings"] == 8192 and out["head_dim"] == 96
+    dyn = RopeConfig(head_dim=64, method="dynamic", factor=2.0, original_max_position=4096).to_hf()
+    assert dyn["max_position_embeddings"] == 4096 and "original_max_position_embeddings" not in dyn["rope_parameters"]
+    with pytest.warns(UserWarning, match="layout: transformers takes the channel layout from the model type"):
+        RopeConfig(head_dim=64, layout="gptj").to_hf()
+    assert torch.equal(ropekit.frequencies(RopeConfig.from_hf(out)).inv_freq64, ropekit.frequencies(cfg).inv_freq64)
