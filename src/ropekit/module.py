@@ -42,14 +42,19 @@ class RotaryEmbedding(nn.Module):
         cfg: the ``RopeConfig``.
         heads_first: inputs are (batch, heads, seq, head_dim) if True, (batch, seq, heads, head_dim) if False.
         dynamic_policy: "freeze" or "recompute", see the module docstring.
+        backend: "auto" (default), "reference", "cpu" or "triton": which rotation runs (``ropekit.kernels``).
         check_positions: raise ValueError for positions >= ``max_position`` (needs a known target length).
 
     Call as ``rope(q, k, positions)`` -> ``(q_rotated, k_rotated)``.
     """
 
     def __init__(self, cfg: RopeConfig, *, heads_first: bool = True, dynamic_policy: str = "freeze",
-                 check_positions: bool = False) -> None:
+                 check_positions: bool = False, backend: str = "auto") -> None:
         super().__init__()
+        from ropekit.kernels.dispatch import check_backend
+
+        check_backend(backend)
+        self.backend = backend
         if not isinstance(cfg, RopeConfig):
             raise ValueError(f"cfg: expected a RopeConfig, got {type(cfg).__name__}")
         if dynamic_policy not in DYNAMIC_POLICIES:
@@ -132,7 +137,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError("q, k: at least one tensor is needed")
         pos = self._positions(ref, positions)
         freqs = self.frequencies(self.resolve_seq_len(pos, seq_len), ref.device)
-        return apply_rotary(q, k, freqs, pos, heads_first=self.heads_first)
+        return apply_rotary(q, k, freqs, pos, heads_first=self.heads_first, backend=self.backend)
 
     def cos_sin(
         self, positions: torch.Tensor, *, seq_len: int | None = None, dtype: torch.dtype = torch.float32

@@ -182,8 +182,9 @@ def apply_rotary(
     heads_first: bool = True,
     inverse: bool = False,
     seq_len: int | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Rotate q and k by their positions (reference path).
+    """Rotate q and k by their positions (the reference path below, or a fused fast path per ``backend``).
 
     Args:
         q: (batch, q_heads, seq, head_dim) or (batch, seq, q_heads, head_dim) with ``heads_first=False``;
@@ -193,9 +194,17 @@ def apply_rotary(
         positions: None, an int offset, (seq,) or (batch, seq) integer tensor.
         inverse: undo a rotation (rotate by -angle and divide by the attention scale).
         seq_len: current length for length-dependent methods when ``freqs`` is a RopeConfig.
+        backend: "auto" (default), "reference", "cpu" or "triton"; see ``ropekit.kernels.dispatch``.
     Returns:
         (q_rotated, k_rotated), same shapes and dtypes as the inputs.
     """
+    if backend != "reference":
+        from ropekit.kernels.dispatch import dispatch_rotary  # lazy: kernels depend on this module
+
+        fast = dispatch_rotary(q, k, freqs, positions, heads_first=heads_first, inverse=inverse,
+                               seq_len=seq_len, backend=backend)
+        if fast is not None:
+            return fast
     if q is None and k is None:
         raise ValueError("q, k: at least one tensor is needed")
     f = _as_frequencies(freqs, seq_len)
