@@ -129,6 +129,7 @@ def test_length_dependent_flags():
 # ---------------------------------------------------------------------- errors naming the field
 @pytest.mark.parametrize("kwargs, match", [
     (dict(head_dim=64, rotary_dim=33), r"rotary_dim: must be even"),
+    (dict(head_dim=2, method="ntk", factor=2.0), r"rotary_dim: method 'ntk' needs rotary_dim >= 4"),
     (dict(head_dim=63), r"head_dim: 63 is odd"),
     (dict(head_dim=64, rotary_dim=128), r"rotary_dim: must be <= head_dim \(64\), got 128"),
     (dict(head_dim=0), r"head_dim: must be >= 2"),

@@ -136,6 +136,9 @@ class RopeConfig:
         if rotary_dim > self.head_dim:
             raise ValueError(f"rotary_dim: must be <= head_dim ({self.head_dim}), got {rotary_dim}")
         set_("rotary_dim", int(rotary_dim))
+        if method in ("ntk", "dynamic") and rotary_dim < 4:
+            raise ValueError(f"rotary_dim: method {method!r} needs rotary_dim >= 4 (its base grows as "
+                             f"s^(d/(d-2))), got {rotary_dim}")
         _check_number("base", self.base)
         if not self.base > 1.0:
             raise ValueError(f"base: must be > 1, got {self.base}")
