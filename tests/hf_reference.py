@@ -97,6 +97,43 @@ def exact_inv_freq(base: float, rotary_dim: int, digits: int = 30) -> list:
     return [b ** (-mpmath.mpf(2 * i) / rotary_dim) for i in range(rotary_dim // 2)]
 
 
+def exact_llama3(cfg) -> list:
+    """Llama 3.1's rule (reference.md) evaluated in mpmath, independent of ropekit's code."""
+    import mpmath
+
+    L, s = cfg.original_max_position, cfg.factor
+    low, high = cfg.low_freq_factor or 1.0, cfg.high_freq_factor or 4.0
+    out = []
+    for inv in exact_inv_freq(cfg.base, cfg.rotary_dim):
+        wavelength = 2 * mpmath.pi / inv
+        if wavelength < L / high:
+            out.append(inv)
+        elif wavelength > L / low:
+            out.append(inv / s)
+        else:
+            t = (L / wavelength - low) / (high - low)
+            out.append((1 - t) * inv / s + t * inv)
+    return out
+
+
+def exact_yarn(cfg) -> tuple[list, object]:
+    """YaRN (reference.md: floor/ceil ramp over pair index, beta_fast 32, beta_slow 1) in mpmath."""
+    import mpmath
+
+    d, b, L, s = cfg.rotary_dim, mpmath.mpf(cfg.base), cfg.original_max_position, mpmath.mpf(cfg.factor)
+
+    def dim_for(beta):
+        return d * mpmath.log(L / (2 * mpmath.pi * beta)) / (2 * mpmath.log(b))
+
+    lo = max(int(mpmath.floor(dim_for(32))), 0)
+    hi = min(int(mpmath.ceil(dim_for(1))), d - 1)
+    out = []
+    for i, inv in enumerate(exact_inv_freq(cfg.base, d)):
+        ramp = min(max((mpmath.mpf(i) - lo) / (hi - lo), 0), 1)  # 0: keep speed, 1: interpolate
+        out.append(inv / s * ramp + inv * (1 - ramp))
+    return out, 0.1 * mpmath.log(s) + 1
+
+
 def exact_rotate(x: torch.Tensor, positions, base: float, rotary_dim: int, layout: str = "neox",
                  digits: int = 30, inv_freq: list | None = None, scale: float = 1.0) -> torch.Tensor:
     """RoPE applied in float64 with angles and cos/sin from mpmath at ``digits`` digits.

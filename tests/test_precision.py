@@ -9,54 +9,20 @@ from __future__ import annotations
 
 import math
 
-import mpmath
 import pytest
 import torch
 
 import ropekit
-from hf_reference import exact_inv_freq, exact_rotate, hf_config, hf_rotate, load_models
+from hf_reference import exact_llama3, exact_rotate, exact_yarn, hf_config, hf_rotate, load_models
 
 POSITIONS = (0, 4095, 65_535, 1_048_575, 4_194_303)
 ROPEKIT_REL_BOUND = 1e-6  # measured ~1e-7: float32 output rounding plus a few float32 operations
 
 
-def _exact_llama3(cfg: ropekit.RopeConfig) -> list:
-    """Llama 3.1's rule (reference.md) evaluated in mpmath, independent of ropekit's code."""
-    L, s = cfg.original_max_position, cfg.factor
-    low, high = cfg.low_freq_factor or 1.0, cfg.high_freq_factor or 4.0
-    out = []
-    for inv in exact_inv_freq(cfg.base, cfg.rotary_dim):
-        wavelength = 2 * mpmath.pi / inv
-        if wavelength < L / high:
-            out.append(inv)
-        elif wavelength > L / low:
-            out.append(inv / s)
-        else:
-            t = (L / wavelength - low) / (high - low)
-            out.append((1 - t) * inv / s + t * inv)
-    return out
-
-
-def _exact_yarn(cfg: ropekit.RopeConfig) -> tuple[list, object]:
-    """YaRN (reference.md: floor/ceil ramp over pair index, beta_fast 32, beta_slow 1) in mpmath."""
-    d, b, L, s = cfg.rotary_dim, mpmath.mpf(cfg.base), cfg.original_max_position, mpmath.mpf(cfg.factor)
-
-    def dim_for(beta):
-        return d * mpmath.log(L / (2 * mpmath.pi * beta)) / (2 * mpmath.log(b))
-
-    lo = max(int(mpmath.floor(dim_for(32))), 0)
-    hi = min(int(mpmath.ceil(dim_for(1))), d - 1)
-    out = []
-    for i, inv in enumerate(exact_inv_freq(cfg.base, d)):
-        ramp = min(max((mpmath.mpf(i) - lo) / (hi - lo), 0), 1)  # 0: keep speed, 1: interpolate
-        out.append(inv / s * ramp + inv * (1 - ramp))
-    return out, 0.1 * mpmath.log(s) + 1
-
-
 CASES = {
     "Llama-2-7B": lambda cfg: (None, 1.0),
-    "Llama-3.1-8B": lambda cfg: (_exact_llama3(cfg), 1.0),
-    "Qwen2.5-7B yarn 4": _exact_yarn,
+    "Llama-3.1-8B": lambda cfg: (exact_llama3(cfg), 1.0),
+    "Qwen2.5-7B yarn 4": exact_yarn,
     "GPT-J-6B": lambda cfg: (None, 1.0),  # interleaved, 64 of 256 channels rotated
 }
 
