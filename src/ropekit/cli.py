@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Modules under ropekit.commands; each defines register(app).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["evaluate", "compare"]
 
 
 def build_app() -> typer.Typer:

@@ -1,0 +1,170 @@
+"""Evaluation text: a text file, a folder of text files, a JSON-lines file, or the Python standard library.
+
+``load_documents(path)`` returns whole documents; ``token_windows`` cuts the first N tokens of each
+document that is long enough (perplexity is measured on "the first N tokens of each document").
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+# Suffixes read from a folder (anything else, e.g. images or compiled files, is not text).
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".c", ".h", ".json", ".csv", "")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+DEFAULT_CORPUS = "stdlib"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One evaluation document: ``name`` (file path, or ``path:line`` for JSON lines) and its text."""
+
+    name: str
+    text: str
+
+
+def stdlib_dir() -> Path:
+    """The folder of the running Python's standard-library sources (present on every machine)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_documents() -> Iterator[Document]:
+    """The standard library's ``*.py`` files, largest first (long documents are what length evaluation needs),
+    ties by path; test suites and third-party ``site-packages`` are left out. Deterministic on one Python."""
+    root = stdlib_dir()
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("site-packages", "dist-packages", "idlelib", "lib2to3", "pydoc_data") or {"test", "tests"} & set(rel.parts):
+            continue
+        files.append((-path.stat().st_size, str(rel), path))
+    for _, rel, path in sorted(files):
+        yield Document(f"stdlib/{rel}", path.read_text(encoding="utf-8", errors="replace"))
+
+
+def load_documents(path: str | Path | None = None) -> Iterator[Document]:
+    """Documents from ``path``: a text file (one document), a folder (each text file, sorted by path, is one
+    document), a JSON-lines file (``*.jsonl``; each line an object with a ``text`` field), or ``None`` /
+    ``"stdlib"`` for the standard library's sources.
+
+    Raises FileNotFoundError / ValueError with the path or line at fault.
+    """
+    if path is None or str(path) == DEFAULT_CORPUS:
+        yield from stdlib_documents()
+        return
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data: no such file or folder: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and (p.suffix.lower() in TEXT_SUFFIXES or p.suffix.lower() in JSONL_SUFFIXES))
+        if not files:
+            raise ValueError(f"data: folder {path} has no text files ({', '.join(s for s in TEXT_SUFFIXES if s)}, "
+                             f"{', '.join(JSONL_SUFFIXES)})")
+        for f in files:
+            yield from load_documents(f)
+        return
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        yield from _jsonl_documents(path)
+        return
+    yield Document(str(path), _read_text(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _jsonl_documents(path: Path) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"data: {path} line {number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"data: {path} line {number} has no string field 'text'")
+            yield Document(f"{path}:{number}", record["text"])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """(n,) long token ids of ``text`` with the tokenizer's own special-token convention (e.g. a BOS)."""
+    ids = tokenizer(text, add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class TokenWindow:
+    """The first ``len(input_ids)`` tokens of document ``name``; ``input_ids`` is (length,) long."""
+
+    name: str
+    input_ids: torch.Tensor
+
+
+def token_windows(documents: Iterable[Document], tokenizer, length: int, count: int | None = None) -> list[TokenWindow]:
+    """The first ``length`` tokens of each document that has at least that many, up to ``count`` windows
+    (None: every long-enough document).
+
+    Raises ValueError naming the length needed when no document is long enough.
+    """
+    if length < 2:
+        raise ValueError(f"length: must be >= 2 tokens, got {length}")
+    windows: list[TokenWindow] = []
+    longest, longest_name, seen = 0, "", 0
+    longest_skipped = None
+    for doc in documents:
+        seen += 1
+        if len(doc.text) < length // 8:  # no tokenizer packs 8 characters per token: skip without tokenizing
+            if longest_skipped is None or len(doc.text) > len(longest_skipped.text):
+                longest_skipped = doc
+            continue
+        ids = tokenize(tokenizer, doc.text)
+        if ids.numel() > longest:
+            longest, longest_name = ids.numel(), doc.name
+        if ids.numel() >= length:
+            windows.append(TokenWindow(doc.name, ids[:length].clone()))
+            if count is not None and len(windows) >= count:
+                break
+    if not windows:
+        if seen == 0:
+            raise ValueError("data: no documents found")
+        if longest_skipped is not None and len(longest_skipped.text) > longest:
+            count = tokenize(tokenizer, longest_skipped.text).numel()
+            if count > longest:
+                longest, longest_name = count, longest_skipped.name
+        raise ValueError(
+            f"data: the text is too short: {length} tokens needed, the longest document has {longest} "
+            f"({longest_name or 'no text'}); give a longer text or a smaller length"
+        )
+    return windows
+
+
+def concatenated_tokens(documents: Iterable[Document], tokenizer, length: int, separator: str = "\n\n") -> torch.Tensor:
+    """(length,) token ids of the documents joined by ``separator``, cut at ``length`` (a needle haystack).
+
+    Raises ValueError naming the length needed when all documents together are shorter.
+    """
+    pieces: list[str] = []
+    total_chars = 0
+    ids = torch.empty(0, dtype=torch.long)
+    for doc in documents:
+        pieces.append(doc.text)
+        total_chars += len(doc.text)
+        if total_chars >= length:  # cheap check first: a token is at least one character here
+            ids = tokenize(tokenizer, separator.join(pieces))
+            if ids.numel() >= length:
+                return ids[:length].clone()
+    if pieces and ids.numel() < length:
+        ids = tokenize(tokenizer, separator.join(pieces))
+    if ids.numel() < length:
+        raise ValueError(f"haystack: the text is too short: {length} tokens needed, it has {ids.numel()}")
+    return ids[:length].clone()
