@@ -307,11 +307,15 @@ def data_folder(tmp_path_factory):
 
 
 def _cli(args):
+    """Run ``ropekit <args>`` with only this command registered (other commands may be mid-development)."""
+    import typer
     from typer.testing import CliRunner
 
-    from ropekit.cli import app, build_app
+    from ropekit.commands import finetune as finetune_module
 
-    build_app()
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.callback()(lambda: None)
+    finetune_module.register(app)
     return CliRunner().invoke(app, args)
 
 
@@ -324,6 +328,8 @@ def test_cli_finetune_trains_evaluates_and_exports(tiny_model_folder, data_folde
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "training.json").read_text())
     assert len(summary["history"]) == 3 and summary["rope"]["method"] == "yarn"
+    assert set(summary["evaluation"]["lengths"]) == {"32", "128"}  # trained length and --seq-len (JSON keys)
+    assert "perplexity after fine-tuning" in result.output
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(out / "model")

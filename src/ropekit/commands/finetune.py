@@ -34,7 +34,11 @@ def finetune_command(
     strategy: str = typer.Option("ddp", "--strategy", help="Under torchrun: ddp or fsdp."),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate perplexity at --seq-len at the end."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval",
+                                  help="At the end: perplexity at the trained length and at --seq-len."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the evaluation "
+                                             "(default: --data; 'stdlib' for the Python sources)."),
+    eval_windows: int = typer.Option(4, "--eval-windows", help="Documents per evaluation length."),
     export: bool = typer.Option(True, "--export/--no-export", help="Write a transformers checkpoint to OUT/model."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -42,7 +46,7 @@ def finetune_command(
 
     Runs data-parallel when started by torchrun (gloo on CPU, nccl on GPU).
     """
-    from ropekit.commands.common import error_exit
+    from ropekit.commands.common import build_rope_config, error_exit
     from ropekit.training.finetune import FinetuneSettings, finetune
 
     try:
@@ -51,8 +55,9 @@ def finetune_command(
             grad_accum=grad_accum, max_grad_norm=max_grad_norm or None, gradient_checkpointing=gradient_checkpointing,
             lora=lora, lora_rank=lora_rank, checkpoint_every=checkpoint_every, seed=seed, strategy=strategy,
         )
-        summary = finetune(model, method=method, factor=factor, data=data, out_dir=out, settings=settings,
-                           resume=resume, device=device, evaluate=evaluate, export=export, progress=progress)
+        summary = finetune(model, rope=lambda base: build_rope_config(base, method, factor), data=data,
+                           out_dir=out, settings=settings, resume=resume, device=device, evaluate=evaluate,
+                           eval_data=eval_data, eval_windows=eval_windows, export=export, progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         error_exit(_cli_message(str(exc)))
         return
@@ -63,7 +68,8 @@ def finetune_command(
         typer.echo(f"trained {len(history)} steps, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
     evaluation = summary.get("evaluation")
     if evaluation:
-        typer.echo(f"evaluation: {evaluation}")
+        ppl = ", ".join(f"{n}: {v:.3f}" for n, v in evaluation["lengths"].items())
+        typer.echo(f"perplexity after fine-tuning (length: ppl): {ppl}")
     if "exported" in summary:
         typer.echo(f"exported: {summary['exported']}")
     typer.echo(f"log: {Path(out) / 'training.json'}")

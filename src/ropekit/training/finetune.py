@@ -26,7 +26,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ropekit.training.data import PackedRows, load_documents, pack_documents, packed_forward_kwargs, tokenize_documents
+from ropekit.training.data import (
+    IGNORE_INDEX,
+    PackedRows,
+    load_documents,
+    pack_documents,
+    packed_forward_kwargs,
+    tokenize_documents,
+)
 from ropekit.training.distributed import (
     STRATEGIES,
     DistContext,
@@ -270,6 +277,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, ct
 
 
 # ---------------------------------------------------------------------- the loop
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy: logits (batch, seq, vocab) at t predict labels (batch, seq) at t+1;
+    labels -100 are skipped. Half-precision logits are upcast to float32; float64 stays float64."""
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    target = labels[:, 1:].to(logits.device)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def set_gradient_checkpointing(model: torch.nn.Module, enable: bool) -> None:
     """Turn transformers' activation checkpointing on (non-reentrant) or off; ValueError if the model lacks it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
@@ -380,12 +398,12 @@ def train(
                     wrapped.set_requires_gradient_sync(last)
                 with sync:
                     with autocast:
-                        out = wrapped(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
-                                      num_items_in_batch=n_tokens,
-                                      **packed_forward_kwargs(batch.position_ids.to(device), dtype))
+                        logits = wrapped(input_ids=batch.input_ids.to(device),
+                                         **packed_forward_kwargs(batch.position_ids.to(device), dtype)).logits
+                    loss = token_loss_sum(logits, batch.labels.to(device)) / n_tokens
                     # DDP / FSDP average gradients over ranks; the loss is already a share of the global mean.
-                    (out.loss * ctx.world_size).backward()
-                local_loss += out.loss.detach().to("cpu", torch.float64)
+                    (loss * ctx.world_size).backward()
+                local_loss += loss.detach().to("cpu", torch.float64)
             if after_backward is not None:
                 after_backward(step, model)
             if settings.max_grad_norm is not None:
@@ -476,32 +494,38 @@ def prepare_rows(data: str | Path, tokenizer: Any, seq_len: int) -> PackedRows:
 def finetune(
     source: str,
     *,
-    method: str,
-    factor: float | None,
+    rope: Callable[[Any], Any],
     data: str | Path,
     out_dir: str | Path,
     settings: FinetuneSettings,
     resume: bool = False,
     device: str | None = None,
-    rope_options: dict[str, Any] | None = None,
     evaluate: bool = True,
+    eval_data: str | Path | None = None,
+    eval_windows: int = 4,
     export: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The ``ropekit finetune`` job; returns a summary dict (also written to out_dir/training.json)."""
-    from ropekit.commands.common import build_rope_config
+    """The ``ropekit finetune`` job; returns a summary dict (also written to out_dir/training.json).
+
+    ``rope`` maps the model's trained RoPE (a RopeConfig) to the extended one to train with, e.g.
+    ``lambda base: base.with_method("yarn", factor=4.0, max_position=4 * base.original_max_position)``.
+    Evaluation (perplexity at the trained length and at seq_len, on ``eval_data`` or else ``data``) and
+    export run on rank 0.
+    """
     from ropekit.models import apply_rope, export_model, load_model
 
     ctx = init_distributed(device)
     out_dir = Path(out_dir)
     torch.manual_seed(settings.seed)
+    docs = load_documents(data)  # bad data fails before the model loads
     loaded = load_model(source, device=str(ctx.device), dtype=torch.float32)
     trained = trained_length(loaded)
     if settings.seq_len < trained:
-        raise ValueError(f"seq-len: {settings.seq_len} is smaller than the model's trained length {trained}; "
+        raise ValueError(f"seq_len: {settings.seq_len} is smaller than the model's trained length {trained}; "
                          f"fine-tuning for a longer context needs --seq-len >= {trained}")
-    cfg = build_rope_config(loaded.rope, method, factor, **(rope_options or {}))
-    rows = prepare_rows(data, loaded.tokenizer, settings.seq_len)
+    cfg = rope(loaded.rope)
+    rows = pack_documents(tokenize_documents(docs, loaded.tokenizer), settings.seq_len)
     model = loaded.model
     patch = apply_rope(model, cfg)
     if cfg.length_dependent:
@@ -519,11 +543,11 @@ def finetune(
                                "steps": settings.steps, "world_size": ctx.world_size, "rows": len(rows),
                                "history": result.history, "resumed_from_step": result.start_step}
     model = merge_lora(model)
+    patch.remove()  # evaluation applies the RoPE itself; export needs the plain model
     if ctx.is_main and evaluate:
-        summary["evaluation"] = evaluate_after_training(model, loaded.tokenizer, cfg, data, settings.seq_len,
-                                                        ctx.device)
+        summary["evaluation"] = evaluate_after_training(model, loaded.tokenizer, cfg, eval_data or data,
+                                                        [trained, settings.seq_len], eval_windows, progress)
     if ctx.is_main and export:
-        patch.remove()
         export_dir = out_dir / "model"
         export_model(model, cfg, export_dir, tokenizer=loaded.tokenizer)
         summary["exported"] = str(export_dir)
@@ -534,13 +558,17 @@ def finetune(
     return summary
 
 
-def evaluate_after_training(model, tokenizer, cfg, data, seq_len: int, device) -> dict[str, Any]:
-    """Perplexity by position bucket at ``seq_len`` on ``data`` with the evaluation package."""
-    try:
-        from ropekit import evaluation
-    except ImportError:
-        return {"skipped": "ropekit.evaluation is not installed"}
-    return evaluation.evaluate_after_finetune(model, tokenizer, cfg, data, seq_len, device=device)
+def evaluate_after_training(model, tokenizer, cfg, data, lengths: list[int], windows: int = 4,
+                            progress: bool = True) -> dict[str, Any]:
+    """Perplexity of the fine-tuned model under ``cfg`` at each of ``lengths`` (first ``windows`` documents long
+    enough), with ``ropekit.evaluation``; returns {"lengths": {length: ppl}, "results": [...]}."""
+    from ropekit.evaluation import MethodRun, evaluate_perplexity, load_documents as eval_documents, token_windows
+
+    lengths = sorted(set(lengths))
+    by_length = {n: token_windows(eval_documents(data), tokenizer, n, count=windows) for n in lengths}
+    results = evaluate_perplexity(model, [MethodRun(f"{cfg.method} (fine-tuned)", cfg)], lengths, by_length,
+                                  bucket_size=max(1, min(lengths) // 2), progress=progress)
+    return {"lengths": {r.length: r.ppl for r in results}, "results": [r.to_dict() for r in results]}
 
 
 def plot_training_curves(histories: dict[str, list[dict]], path: str | Path, title: str = "training loss") -> Path:
