@@ -63,8 +63,7 @@ def angle_error(inv_freq64: torch.Tensor, positions: torch.Tensor) -> float:
 
 if HAVE_TRITON:
 
-    @triton.jit
-    def _rotate_heads(
+    def _rotate_heads_src(
         X, XO, base_x, base_o, shx, sdx, sho, sdo, H,
         c, s, i, mi,
         HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -96,8 +95,7 @@ if HAVE_TRITON:
                 xp = tl.load(px + (ROT_D + j)[None, :] * sdx, mask=mp, other=0.0)
                 tl.store(po + (ROT_D + j)[None, :] * sdo, xp, mask=mp)
 
-    @triton.jit
-    def _rope_kernel(
+    def _rope_kernel_src(
         Q, K, QO, KO, POS, TURNS, TURNS0,
         S, HQ, HK, n_hat, scale,
         sqb, sqs, sqh, sqd, sob, sos, soh, sod,
@@ -128,6 +126,21 @@ if HAVE_TRITON:
                       c, s, i, mi, HALF, INTERLEAVED, BLOCK_HQ, PASS, PASS_BLOCK, ROT_D)
         _rotate_heads(K, KO, b64 * skb + t64 * sks, b64 * stb + t64 * sts, skh, skd, sth, std, HK,
                       c, s, i, mi, HALF, INTERLEAVED, BLOCK_HK, PASS, PASS_BLOCK, ROT_D)
+
+
+_KERNELS: dict[bool, tuple] = {}
+
+
+def _kernel():
+    """The jitted kernel, built on first use so that TRITON_INTERPRET set after import still counts."""
+    from triton import knobs
+
+    interpret = bool(knobs.runtime.interpret)
+    if interpret not in _KERNELS:
+        _KERNELS[interpret] = (triton.jit(_rotate_heads_src), triton.jit(_rope_kernel_src))
+    helper, kernel = _KERNELS[interpret]
+    globals()["_rotate_heads"] = helper  # the kernel body calls the helper by this global name
+    return kernel
 
 
 def _bsh_strides(x: torch.Tensor, heads_first: bool) -> tuple[int, int, int, int]:
@@ -176,7 +189,7 @@ def launch(
     has_nhat = bool(unscaled_until) and turns_unscaled is not None
     t0 = turns_unscaled if has_nhat else turns
     grid = (batch * seq,)
-    _rope_kernel[grid](
+    _kernel()[grid](
         q, k, q_out, k_out, positions, turns, t0,
         seq, hq, hk, int(unscaled_until), float(scale),
         *_bsh_strides(q, heads_first), *_bsh_strides(q_out, heads_first),
