@@ -288,3 +288,31 @@ def test_dynamic_ntk_growing_then_new_short_sequence_like_transformers():
         hq, _ = hf_rotate(hc, q, q, positions, rot=rot)
         rq, _ = rope(q, q, positions)
         assert (rq - hq).abs().max() <= _qk_tol(positions, q), f"length {n}"
+
+
+MINIMAL_CONFIGS = {
+    "default": dict(head_dim=64, base=10000.0),
+    "linear": dict(head_dim=64, method="linear", factor=4.0),
+    "dynamic": dict(head_dim=64, method="dynamic", factor=2.0, original_max_position=2048),
+    "yarn": dict(head_dim=64, method="yarn", factor=8.0, original_max_position=2048),
+    "yarn-deepseek": dict(head_dim=64, method="yarn", factor=40.0, original_max_position=4096, mscale=1.0,
+                          mscale_all_dim=0.8, beta_fast=16.0, beta_slow=2.0),
+    "llama3": dict(head_dim=64, base=5e5, method="llama3", factor=8.0, original_max_position=8192),
+    "longrope": dict(head_dim=64, method="longrope", original_max_position=2048, factor=8.0,
+                     short_factor=[1.0 + i / 64 for i in range(32)], long_factor=[1.0 + i for i in range(32)]),
+    "partial": dict(head_dim=64, rotary_dim=16, method="yarn", factor=4.0, original_max_position=1024),
+}
+
+
+@pytest.mark.parametrize("key", list(MINIMAL_CONFIGS))
+def test_configs_built_by_hand_export_to_transformers(key):
+    """A RopeConfig made in Python (only required fields) exports keys transformers accepts and agrees with."""
+    cfg = ropekit.RopeConfig(**MINIMAL_CONFIGS[key])
+    model_type = "gpt_neox" if cfg.rotary_dim != cfg.head_dim else "llama"
+    hc = hf_config({"model_type": model_type, "hidden_size": cfg.head_dim * 4, "num_attention_heads": 4,
+                    **cfg.to_hf()})
+    for seq in ([None] if not cfg.length_dependent else [cfg.original_max_position, 3 * cfg.original_max_position]):
+        hf_inv, hf_scale = hf_inv_freq_and_scale(hc, seq)
+        ours = ropekit.frequencies(cfg, seq)
+        rel = ((ours.inv_freq64 - hf_inv.double()).abs() / hf_inv.double()).max().item()
+        assert rel < INV_FREQ_RTOL and ours.attention_scale == pytest.approx(hf_scale, rel=1e-12)

@@ -192,6 +192,9 @@ def test_rerotate_per_row_delta():
     shifted = rerotate(rotated, torch.tensor([1, 7]), cfg)
     expected = apply_rotary(None, k, cfg, torch.tensor([[6, 7, 8], [12, 13, 14]]))[1]
     torch.testing.assert_close(shifted, expected, rtol=0, atol=1e-13)
+    per_key = rerotate(rotated, torch.tensor([0, 1, 2]), cfg)  # (seq,): one shift per key
+    expected = apply_rotary(None, k, cfg, torch.tensor([5, 7, 9]))[1]
+    torch.testing.assert_close(per_key, expected, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("cfg", [

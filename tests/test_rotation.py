@@ -181,6 +181,10 @@ def test_bad_rerotate_arguments():
         rerotate(k, torch.tensor([1.0]), CFG)
     with pytest.raises(ValueError, match="delta: must be an int or an integer tensor, got 1.5"):
         rerotate(k, 1.5, CFG)
+    with pytest.raises(ValueError, match=r"delta: a 1-D tensor is ambiguous when batch == seq \(3\)"):
+        rerotate(torch.randn(3, 1, 3, 8), torch.tensor([1, 2, 3]), CFG)
+    with pytest.raises(ValueError, match=r"delta: shape \(4,\) does not broadcast to \(batch, seq\) = \(1, 3\)"):
+        rerotate(k, torch.tensor([1, 2, 3, 4]), CFG)
     lr = RopeConfig(head_dim=8, method="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4,
                     original_max_position=4, n_hat=2)
     with pytest.raises(ValueError, match=r"positions: required to re-rotate with LongRoPE's unscaled leading"):

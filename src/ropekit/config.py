@@ -388,6 +388,9 @@ class RopeConfig:
                 params[reverse[name]] = list(value) if isinstance(value, tuple) else value
             if self.n_hat:
                 raise ValueError("n_hat: transformers' longrope has no unscaled leading positions; set n_hat=0")
+            if self.method == "llama3":  # transformers requires both; ours default to Llama 3.1's 1 and 4
+                params.setdefault("low_freq_factor", 1.0)
+                params.setdefault("high_freq_factor", 4.0)
         if self.layout != "neox":
             warn_once("layout: transformers takes the channel layout from the model type, not the config; "
                       "this config only round-trips for gptj-layout model types")

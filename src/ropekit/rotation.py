@@ -237,7 +237,8 @@ def rerotate(
 
     Args:
         k: (batch, heads, seq, head_dim) (or heads-last with ``heads_first=False``).
-        delta: int, or an integer tensor broadcastable to (batch, seq) (per row or per key).
+        delta: int; or an integer tensor: (batch,) one shift per row, (seq,) one per key, or anything
+            broadcastable to (batch, seq). A 1-D tensor with batch == seq is refused as ambiguous.
     """
     f = _as_frequencies(freqs, None)
     batch, seq = _check_qk(None, k, f.rotary_dim, heads_first)
@@ -245,9 +246,16 @@ def rerotate(
         if delta.is_floating_point():
             raise ValueError(f"delta: must be an integer tensor, got dtype {delta.dtype}")
         delta_t = delta.to(device=k.device, dtype=torch.long)
-        if delta_t.dim() == 1 and delta_t.numel() == batch and batch != seq:
-            delta_t = delta_t[:, None]
-        delta_t = torch.broadcast_to(delta_t, (batch, seq))
+        if delta_t.dim() == 1 and delta_t.numel() > 1 and batch == seq:
+            raise ValueError(f"delta: a 1-D tensor is ambiguous when batch == seq ({batch}); pass ({batch}, 1) for "
+                             f"one shift per row or (1, {seq}) for one per key")
+        if delta_t.dim() == 1 and delta_t.numel() == batch:
+            delta_t = delta_t[:, None]  # one shift per row
+        try:
+            delta_t = torch.broadcast_to(delta_t, (batch, seq))
+        except RuntimeError:
+            raise ValueError(f"delta: shape {tuple(delta.shape)} does not broadcast to (batch, seq) = ({batch}, {seq}); "
+                             f"accepted: an int, ({batch},) per row, ({seq},) per key, or ({batch}, {seq})") from None
     elif isinstance(delta, int) and not isinstance(delta, bool):
         delta_t = torch.full((1, seq), delta, dtype=torch.long, device=k.device)
     else:
