@@ -316,3 +316,12 @@ def test_configs_built_by_hand_export_to_transformers(key):
         ours = ropekit.frequencies(cfg, seq)
         rel = ((ours.inv_freq64 - hf_inv.double()).abs() / hf_inv.double()).max().item()
         assert rel < INV_FREQ_RTOL and ours.attention_scale == pytest.approx(hf_scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_transformers_config_objects_read_like_their_json(name):
+    """from_hf(transformers' own config object) == from_hf(the config.json dict) for every published model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from_object = ropekit.RopeConfig.from_hf(hf_config(MODELS[name]["config"]))
+    assert from_object == _cfg(name)
