@@ -15,6 +15,7 @@ import torch
 
 from conftest import TINY_CONFIGS, TINY_TRAINED_LENGTH, make_tiny_config, make_tiny_model
 from ropekit import RopeConfig
+from ropekit import frequencies as rk_frequencies
 from ropekit import models as rk_models
 from ropekit.commands.common import build_rope_config
 from ropekit.models import SUPPORTED_FAMILIES, apply_rope, hf_config_for, load_model
@@ -318,17 +319,31 @@ def test_demo_model_path_points_at_the_bundled_gguf():
 
 # ---------------------------------------------------------------------- config for export
 @pytest.mark.parametrize("family", ROPE_FAMILIES)
-@pytest.mark.parametrize("method", ["linear", "yarn", "dynamic", "llama3"])
+@pytest.mark.parametrize("method", ["linear", "yarn", "dynamic", "llama3", "longrope", "ntk"])
 def test_hf_config_for_reads_back_to_the_same_rope(family, method):
     from transformers import AutoConfig
 
     model = make_tiny_model(family)
-    cfg = build_rope_config(RopeConfig.from_hf(model.config), method, 4.0)
+    cfg0 = RopeConfig.from_hf(model.config)
+    if method == "longrope":
+        cfg = RopeConfig.from_hf(make_tiny_config(family, rope=_hf_rope("longrope", cfg0.rotary_dim),
+                                                  max_position_embeddings=256))
+    else:
+        cfg = build_rope_config(cfg0, method, 4.0)
+    if family == "phi3" and method not in ("longrope", "ntk"):
+        with pytest.raises(ValueError, match="Phi-3 accepts only longrope"):
+            hf_config_for(model.config, cfg)
+        return
     d = hf_config_for(model.config, cfg)
-    if family == "phi3" and method != "longrope":
-        pytest.skip("transformers' Phi-3 accepts only longrope scaling")
-    back = AutoConfig.for_model(**d)
-    assert RopeConfig.from_hf(back) == RopeConfig.from_hf(d) == cfg
+    back = AutoConfig.for_model(**d)  # what transformers makes of the exported config.json
+    expected = cfg if method != "ntk" else cfg0.replace(base=d["rope_theta"])
+    got = RopeConfig.from_hf(back)
+    for name in ("method", "factor", "base", "head_dim", "rotary_dim", "short_factor", "long_factor"):
+        assert getattr(got, name) == getattr(expected, name), name
+    for seq_len in (40, 256):  # the same rotation within and beyond the trained length
+        f_got, f_want = rk_frequencies(got, seq_len), rk_frequencies(expected, seq_len)
+        assert torch.equal(f_got.inv_freq64, f_want.inv_freq64)
+        assert f_got.attention_scale == f_want.attention_scale
 
 
 def test_hf_config_for_refuses_what_transformers_cannot_load():

@@ -574,6 +574,13 @@ def hf_config_for(model_config: Any, cfg: RopeConfig) -> dict[str, Any]:
         return d
     hf = cfg.to_hf()  # raises for methods transformers lacks
     params = dict(hf["rope_parameters"])
+    if params["rope_type"] == "llama3":
+        # transformers requires both keys; ropekit's defaults are Llama 3.1's.
+        params.setdefault("low_freq_factor", 1.0)
+        params.setdefault("high_freq_factor", 4.0)
+    if family == "phi3" and params["rope_type"] not in ("default", "longrope"):
+        raise ValueError(f"phi3: transformers' Phi-3 accepts only longrope scaling (and plain RoPE with a new "
+                         f"rope_theta: ntk, base), not {cfg.method!r}")
     rd_fraction = cfg.rotary_dim / cfg.head_dim
     partial_family = family in ("gpt_neox", "phi3") or "partial_rotary_factor" in d
     if partial_family or cfg.rotary_dim != cfg.head_dim:

@@ -1,0 +1,212 @@
+"""Export: a folder plain transformers loads (in a process that never imports ropekit) with the same logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import TINY_TRAINED_LENGTH, make_tiny_config, make_tiny_model
+from ropekit import RopeConfig
+from ropekit.commands.common import build_rope_config
+from ropekit.models import apply_rope, export_model
+
+ATOL = 2e-5
+
+# A separate interpreter: plain transformers, no ropekit anywhere (checked).
+PLAIN_LOAD = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    cases = json.loads(sys.argv[1])
+    for folder, inputs, output in cases:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        data = torch.load(inputs)
+        with torch.no_grad():
+            torch.save(model(data["ids"], position_ids=data.get("position_ids")).logits, output)
+    assert not any(name.startswith("ropekit") for name in sys.modules), "ropekit was imported"
+    print("plain-transformers-ok")
+""")
+
+
+def _plain_transformers_logits(cases, tmp_path):
+    """cases: [(folder, ids, position_ids or None)] -> logits computed by plain transformers in a subprocess."""
+    jobs = []
+    for i, (folder, ids, positions) in enumerate(cases):
+        inputs, output = tmp_path / f"in{i}.pt", tmp_path / f"out{i}.pt"
+        torch.save({"ids": ids, "position_ids": positions}, inputs)
+        jobs.append((str(folder), str(inputs), str(output)))
+    result = subprocess.run([sys.executable, "-c", PLAIN_LOAD, json.dumps(jobs)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=600)
+    assert result.returncode == 0 and "plain-transformers-ok" in result.stdout, result.stderr[-3000:]
+    return [torch.load(out) for _, _, out in jobs]
+
+
+def _longrope_cfg(family):
+    model = make_tiny_model(family)
+    half = RopeConfig.from_hf(model.config).rotary_dim // 2
+    rope = {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": TINY_TRAINED_LENGTH,
+            "short_factor": [1.0 + 0.05 * i for i in range(half)], "long_factor": [1.0 + 0.6 * i for i in range(half)]}
+    return model, RopeConfig.from_hf(make_tiny_config(family, rope=rope, max_position_embeddings=256))
+
+
+def test_exports_load_in_plain_transformers_with_the_patched_logits(tmp_path):
+    cases = []
+    for family, method in [("llama", "yarn"), ("gpt_neox", "dynamic"), ("qwen2", "llama3"), ("gemma2", "linear"),
+                           ("mistral", "ntk"), ("qwen3", "base"), ("phi3", "longrope"), ("gptj", "default")]:
+        if method == "longrope":
+            model, cfg = _longrope_cfg(family)
+        else:
+            model = make_tiny_model(family)
+            cfg0 = RopeConfig.from_hf(model.config)
+            cfg = (build_rope_config(cfg0, "base", new_base=3e5) if method == "base" else
+                   build_rope_config(cfg0, method, 2.0 if method != "default" else None))
+        out = export_model(model, cfg, tmp_path / f"{family}-{method}")
+        assert {"config.json", "model.safetensors", "ropekit.json"} <= {p.name for p in out.iterdir()}
+        config = json.loads((out / "config.json").read_text())
+        if method not in ("default",):
+            assert config["rope_parameters"]["rope_type"] == cfg.to_hf()["rope_parameters"]["rope_type"]
+        seq = TINY_TRAINED_LENGTH if family == "gptj" else 150
+        ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(1))
+        positions = None
+        if family == "qwen2":  # packed rows: positions restart
+            positions = torch.cat([torch.arange(50), torch.arange(100)])[None].expand(2, -1).contiguous()
+        with apply_rope(model, cfg), torch.no_grad():
+            expected = model(ids, position_ids=positions).logits
+        cases.append((out, ids, positions, expected, f"{family}-{method}"))
+    got = _plain_transformers_logits([(f, i, p) for f, i, p, _, _ in cases], tmp_path)
+    for (_, _, _, expected, name), logits in zip(cases, got):
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0, msg=name)
+
+
+def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
+    model = make_tiny_model("llama")
+    cfg = build_rope_config(RopeConfig.from_hf(model.config), "yarn", 2.0)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_model(model, cfg, target)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+    # A failure halfway through (after the weights were written) leaves nothing behind.
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export_model(model, cfg, tmp_path / "new", tokenizer=BrokenTokenizer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(OSError, match="disk full"):
+        export_model(model, cfg, target, tokenizer=BrokenTokenizer(), overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]  # the old folder survives a failed overwrite
+
+    export_model(model, cfg, target, overwrite=True)
+    assert "keep.txt" not in {p.name for p in target.iterdir()}
+    assert json.loads((target / "ropekit.json").read_text())["rope"]["method"] == "yarn"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left
+
+
+def test_export_refuses_methods_transformers_lacks_before_writing(tmp_path):
+    model = make_tiny_model("llama")
+    cfg0 = RopeConfig.from_hf(model.config)
+    with pytest.raises(ValueError, match="dynamic_yarn"):
+        export_model(model, build_rope_config(cfg0, "dynamic_yarn", 2.0), tmp_path / "a")
+    _, longrope = _longrope_cfg("llama")
+    with pytest.raises(ValueError, match="n_hat"):
+        export_model(model, longrope.replace(n_hat=16), tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- CLI
+def _cli():
+    import typer
+
+    from ropekit.commands import export, inspect
+
+    app = typer.Typer()
+    export.register(app)
+    inspect.register(app)
+    return app
+
+
+def _tiny_folder(tmp_path, family="llama"):
+    from tokenizers import Tokenizer, models
+
+    from transformers import PreTrainedTokenizerFast
+
+    model = make_tiny_model(family)
+    folder = tmp_path / f"tiny-{family}"
+    model.save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(folder)
+    return model, folder
+
+
+def test_cli_export_writes_a_loadable_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, folder = _tiny_folder(tmp_path)
+    out = tmp_path / "exported"
+    result = CliRunner().invoke(_cli(), ["export", str(folder), "--method", "yarn", "--factor", "2",
+                                         "--beta-fast", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                                         "original_max_position_embeddings": 64, "beta_fast": 16.0}
+    assert config["max_position_embeddings"] == 128
+    assert (out / "tokenizer.json").is_file()
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 256, (1, 100))
+    cfg = build_rope_config(RopeConfig.from_hf(model.config), "yarn", 2.0, beta_fast=16)
+    with apply_rope(model, cfg), torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "base"], "--new-base: required by --method base"),
+    (["--method", "yarn"], "--factor: required by --method yarn"),
+    (["--method", "longrope", "--factor", "2"], "--factors-file"),
+    (["--method", "dynamic_yarn", "--factor", "2"], "cannot be exported"),
+    (["--method", "llama3", "--factor", "2", "--beta-fast", "4"], "--beta-fast: not used by --method llama3"),
+    (["--method", "warp", "--factor", "2"], "--method: unknown scaling method 'warp'"),
+    (["--method", "yarn", "--factor", "2", "--dtype", "int8"], "--dtype"),
+])
+def test_cli_export_errors_are_one_line(tmp_path, args, message):
+    _, folder = _tiny_folder(tmp_path)
+    result = CliRunner().invoke(_cli(), ["export", str(folder), *args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_export_missing_model_and_non_empty_out(tmp_path):
+    result = CliRunner().invoke(_cli(), ["export", str(tmp_path / "nope"), "--method", "yarn", "--factor", "2",
+                                         "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "model not found" in result.output and "nope" in result.output
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    result = CliRunner().invoke(_cli(), ["export", "demo", "--method", "yarn", "--factor", "2", "--out", str(busy)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+# ---------------------------------------------------------------------- the real model (slow)
+@pytest.mark.slow
+def test_smollm2_gguf_export_loads_in_plain_transformers(smollm2, stdlib_text, tmp_path):
+    cfg = build_rope_config(smollm2.rope, "yarn", 2.0)
+    out = export_model(smollm2, cfg, tmp_path / "smollm2-yarn2")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["max_position_embeddings"] == 16384
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
+    ids = smollm2.tokenizer(stdlib_text, return_tensors="pt")["input_ids"][:, :512]
+    with apply_rope(smollm2.model, cfg), torch.no_grad():
+        expected = smollm2.model(ids).logits
+    (got,) = _plain_transformers_logits([(out, ids, None)], tmp_path)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
