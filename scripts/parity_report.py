@@ -10,7 +10,7 @@ Table 1, per model (tests/data/hf_configs.json): ropekit vs transformers' own ro
   dq, dk     max |Δ| of the rotated q and k (float32, randn inputs, 4 q heads / 2 k heads) at 16 positions
              spread over 0 .. target length - 1; at the target length transformers' own float32 angles err
              by ~1e-7 * position radians, which dominates these figures (Table 2 shows whose error it is).
-Table 2: error of float32 q rotated by ropekit and by transformers, against RoPE evaluated exactly (mpmath
+Table 2: error of float32 q rotated by ropekit (reference path) and by transformers, against RoPE evaluated exactly (mpmath
   angles, float64 rotation), as max |Δ| / max |q|, at the given positions.
 """
 
@@ -63,13 +63,13 @@ def parity_rows():
         k = torch.randn(1, 2, 16, cfg.head_dim, generator=gen)
         # Length-dependent methods at transformers' rule: current length = max position + 1.
         f = ropekit.frequencies(cfg, length) if cfg.length_dependent else ours
-        rq, rk = ropekit.apply_rotary(q, k, f, positions)
+        rq, rk = ropekit.apply_rotary(q, k, f, positions, backend="reference")
         hq, hk = hf_rotate(hc, q, k, positions)
         if hc.model_type == "deepseek_v3":
             rq, rk = deinterleave(rq), deinterleave(rk)
         # Positions 0..15, where transformers' float32 angles are still exact to ~1e-6 rad.
         f16 = ropekit.frequencies(cfg, 16) if cfg.length_dependent else ours  # current length 16
-        sq, sk = ropekit.apply_rotary(q, k, f16, torch.arange(16))
+        sq, sk = ropekit.apply_rotary(q, k, f16, torch.arange(16), backend="reference")
         hsq, hsk = hf_rotate(hc, q, k, torch.arange(16)[None])
         if hc.model_type == "deepseek_v3":
             sq, sk = deinterleave(sq), deinterleave(sk)
@@ -93,7 +93,7 @@ def error_rows():
             positions = [pos - 3, pos - 2, pos - 1]
             q = torch.randn(1, 1, 3, cfg.head_dim, generator=gen)
             exact = exact_rotate(q[0, 0], positions, cfg.base, cfg.rotary_dim, inv_freq=inv)
-            ours = ropekit.apply_rotary(q, None, cfg, torch.tensor(positions))[0][0, 0].double()
+            ours = ropekit.apply_rotary(q, None, cfg, torch.tensor(positions), backend="reference")[0][0, 0].double()
             theirs = hf_rotate(hc, q, q, torch.tensor([positions]))[0][0, 0].double()
             scale = q.abs().max().item()
             rows.append((name, cfg.method, pos, (ours - exact).abs().max().item() / scale,
