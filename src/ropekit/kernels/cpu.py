@@ -11,6 +11,7 @@ reference's; only the rotation arithmetic is reorganised (float32, the reference
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections import OrderedDict
 
@@ -48,30 +49,32 @@ def fused_rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, rotary_dim: i
     return out
 
 
-_compiled = None
-_compile_failed = False
+# One compiled function per variant (dtype, layout, pass-through copy, in place, autograd), each with its
+# own code object: Dynamo's recompile limit counts per code object, and a variant then only recompiles
+# when shapes or strides change (once, to dynamic shapes).
+_compiled: dict[tuple, object] = {}
+_failed: set[tuple] = set()
 
 
-def _rotate_fn(compile: bool):
-    """The compiled fused pass (built once), or the eager function where compiling is off or failed."""
-    global _compiled
-    if not compile or _compile_failed or torch.compiler.is_compiling():
-        return fused_rotate
-    if _compiled is None:
-        _compiled = torch.compile(fused_rotate, fullgraph=True)
-    return _compiled
+def _variant_fn(key: tuple):
+    if key not in _compiled:
+        code = fused_rotate.__code__.replace(co_name=f"fused_rotate_{len(_compiled)}")
+        fn = types.FunctionType(code, fused_rotate.__globals__, code.co_name, fused_rotate.__defaults__)
+        _compiled[key] = torch.compile(fn, fullgraph=True)
+    return _compiled[key]
 
 
-def _run(fn, *args):
-    global _compile_failed
-    if fn is fused_rotate:
-        return fn(*args)
+def _run(key: tuple, compile: bool, *args):
+    """Run the fused pass compiled for ``key`` (eager under an outer compile, when off, or after a failure)."""
+    if not compile or key in _failed or torch.compiler.is_compiling():
+        return fused_rotate(*args)
     try:
-        return fn(*args)
-    except Exception as err:  # no C++ compiler, unsupported platform...: say so once, run the same maths eagerly
-        _compile_failed = True
-        warnings.warn(f"ropekit cpu backend: torch.compile failed ({type(err).__name__}: {err}); "
-                      "running the fused rotation eagerly", RuntimeWarning, stacklevel=3)
+        return _variant_fn(key)(*args)
+    except Exception as err:  # no C++ compiler, recompile limit...: say so once, run the same maths eagerly
+        _failed.add(key)
+        warnings.warn(f"ropekit cpu backend: torch.compile failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); running the fused rotation eagerly "
+                      f"for {key}", RuntimeWarning, stacklevel=3)
         return fused_rotate(*args)
 
 
@@ -136,7 +139,6 @@ def rotate_qk(
     # (B, S, h) -> broadcast over heads: (B, 1, S, h) heads-first, (B, S, 1, h) heads-last.
     c = cos.unsqueeze(1) if heads_first else cos.unsqueeze(2)
     s = sin.unsqueeze(1) if heads_first else sin.unsqueeze(2)
-    fn = _rotate_fn(compile)
     outs = []
     for x in (q, k):
         if x is None:
@@ -144,5 +146,6 @@ def rotate_qk(
             continue
         out = x if inplace else torch.empty_like(x)
         copy_pass = not inplace and rotary_dim < x.shape[-1]
-        outs.append(_run(fn, x, c, s, out, rotary_dim, interleaved, copy_pass))
+        key = (x.dtype, interleaved, copy_pass, inplace, x.requires_grad and torch.is_grad_enabled(), x.dim())
+        outs.append(_run(key, compile, x, c, s, out, rotary_dim, interleaved, copy_pass))
     return outs[0], outs[1]

@@ -1,0 +1,171 @@
+"""The fast CPU path and the backend dispatch against the reference; a quick smoke run of the benchmark.
+
+The fused rotation's arithmetic is checked broadly in eager mode (``compile=False``: the same function the
+compiled path runs), and through the compiled default path on a few cases (each compile costs seconds).
+"""
+
+import json
+
+import pytest
+import torch
+
+import ropekit
+from ropekit import RopeConfig, RotaryEmbedding
+from ropekit.kernels import apply_rotary_fast, cpu, resolve_backend
+from ropekit.rotation import resolve_positions
+
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _close(a, b, dtype):
+    assert not torch.isnan(a).any(), "unwritten (NaN-poisoned) elements in the output"
+    torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+def _nan_like(x):
+    return torch.full_like(x, float("nan"))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fused_eager_math_random_shapes_strides_positions(seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    hd = 2 * r(1, 12)
+    rd = 2 * r(1, hd // 2)
+    layout = ("neox", "gptj")[seed % 2]
+    dtype = (torch.float32, torch.bfloat16, torch.float16)[seed % 3]
+    b, s, hq = r(1, 3), r(1, 6), r(1, 4)
+    hk = (1, hq)[seed % 2]
+    heads_first = seed % 4 < 2
+    f = ropekit.frequencies(RopeConfig(head_dim=hd, rotary_dim=rd, layout=layout, base=1e4 * (seed + 1)))
+    dims = (lambda h: (b, h, s, hd)) if heads_first else (lambda h: (b, s, h, hd))
+    # non-contiguous inputs: a channel-padded buffer sliced back to head_dim
+    q = torch.randn(dims(hq)[:-1] + (hd + 3,), generator=gen).to(dtype)[..., :hd]
+    k = torch.randn(dims(hk)[:-1] + (hd + 3,), generator=gen).to(dtype)[..., :hd]
+    pos = torch.randint(0, 4_200_000, (b, s), generator=gen) if seed % 3 else None
+    rq, rk = ropekit.apply_rotary(q, k, f, pos, heads_first=heads_first, backend="reference")
+    p = resolve_positions(pos, b, s, q.device)
+    cos, sin = cpu.tables(f, pos, p, f.attention_scale, False)
+    c = cos.unsqueeze(1) if heads_first else cos.unsqueeze(2)
+    sn = sin.unsqueeze(1) if heads_first else sin.unsqueeze(2)
+    for x, ref in ((q, rq), (k, rk)):
+        out = _nan_like(x)
+        cpu.fused_rotate(x, c, sn, out, rd, layout == "gptj", rd < hd)
+        _close(out, ref, dtype)
+        if rd < hd:
+            assert torch.equal(out[..., rd:], x[..., rd:])
+        inplace = x.clone()
+        cpu.fused_rotate(inplace, c, sn, inplace, rd, layout == "gptj", False)
+        _close(inplace, ref, dtype)
+
+
+def test_compiled_default_path_fp32_bf16_gqa_one_head_seq1():
+    f = ropekit.frequencies(RopeConfig(head_dim=64, rotary_dim=48, method="yarn", factor=4.0,
+                                       original_max_position=512))
+    gen = torch.Generator().manual_seed(0)
+    for dtype, (b, hq, hk, s) in ((torch.float32, (2, 8, 2, 512)), (torch.bfloat16, (1, 1, 1, 4096)),
+                                  (torch.float32, (64, 16, 4, 1))):
+        q = torch.randn(b, hq, s, 64, generator=gen).to(dtype)
+        k = torch.randn(b, hk, s, 64, generator=gen).to(dtype)
+        pos = torch.randint(0, 131072, (b, s), generator=gen) if s == 1 else 4_000_000
+        assert resolve_backend("auto", q, q.numel() + k.numel()) == ("cpu" if q.numel() + k.numel() >= 1 << 18
+                                                                     else "reference")
+        rq, rk = ropekit.apply_rotary(q, k, f, pos, backend="reference")
+        oq, ok = ropekit.apply_rotary(q, k, f, pos, backend="cpu")
+        _close(oq, rq, dtype), _close(ok, rk, dtype)
+        assert torch.equal(oq[..., 48:], q[..., 48:])
+        qi, ki = q.clone(), k.clone()
+        apply_rotary_fast(qi, ki, f, pos, backend="cpu", inplace=True)
+        _close(qi, rq, dtype), _close(ki, rk, dtype)
+
+
+def test_cpu_gradients_and_inverse_match_reference():
+    f = ropekit.frequencies(RopeConfig(head_dim=16, layout="gptj", method="yarn", factor=2.0,
+                                       original_max_position=32))
+    pos = torch.tensor([[3, 100, 4_000_000], [0, 1, 2]])
+    grads = []
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(0)
+        q = torch.randn(2, 3, 3, 16, requires_grad=True)
+        k = torch.randn(2, 1, 3, 16, requires_grad=True)
+        oq, ok = ropekit.apply_rotary(q, k, f, pos, backend=backend)
+        torch.manual_seed(1)
+        ((oq * torch.randn_like(oq)).sum() + (ok * torch.randn_like(ok)).sum()).backward()
+        grads.append((q.grad, k.grad))
+        back = ropekit.apply_rotary(oq.detach(), None, f, pos, backend=backend, inverse=True)[0]
+        torch.testing.assert_close(back, q.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-6)
+
+
+def test_table_cache_keys_on_positions_and_notices_in_place_edits():
+    cpu.clear_cache()
+    f = ropekit.frequencies(RopeConfig(head_dim=8))
+    pos = torch.tensor([[1, 2, 3]])
+    c1, _ = cpu.tables(f, pos, pos, 1.0, False)
+    assert cpu.tables(f, pos, pos, 1.0, False)[0] is c1  # same positions tensor: cached
+    pos.add_(10)  # edited in place: version changes, tables rebuilt
+    c2, _ = cpu.tables(f, pos, pos, 1.0, False)
+    assert not torch.equal(c1, c2)
+    ref_cos, _ = ropekit.cos_sin(f, pos)
+    assert torch.equal(c2, ref_cos)
+    # int offsets key by value
+    p5 = resolve_positions(5, 1, 3, torch.device("cpu"))
+    assert cpu.tables(f, 5, p5, 1.0, False)[0] is cpu.tables(f, 5, p5.clone(), 1.0, False)[0]
+
+
+def test_auto_backend_choice_and_errors():
+    small = torch.randn(1, 1, 2, 8)
+    big = torch.randn(1, 8, 4096, 8)
+    assert resolve_backend("auto", small, small.numel()) == "reference"
+    assert resolve_backend("auto", big, big.numel()) == "cpu"
+    assert resolve_backend("auto", big.double(), big.numel()) == "reference"
+    f = ropekit.frequencies(RopeConfig(head_dim=8))
+    with pytest.raises(ValueError, match="backend: unknown backend 'fast'"):
+        ropekit.apply_rotary(small, None, f, backend="fast")
+    with pytest.raises(ValueError, match="float64"):
+        ropekit.apply_rotary(small.double(), None, f, backend="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        RotaryEmbedding(RopeConfig(head_dim=8), backend="gpu")
+
+
+def test_rotary_embedding_backend_and_fullgraph_compile():
+    """RotaryEmbedding(backend="cpu") equals the reference module, also under torch.compile(fullgraph=True)."""
+    cfg = RopeConfig(head_dim=32, method="linear", factor=2.0)
+    ref_mod = RotaryEmbedding(cfg, backend="reference")
+    fast_mod = RotaryEmbedding(cfg, backend="cpu")
+    q = torch.randn(2, 4, 16, 32)
+    k = torch.randn(2, 2, 16, 32)
+    rq, rk = ref_mod(q, k, 7)
+    oq, ok = fast_mod(q, k, 7)
+    _close(oq, rq, torch.float32), _close(ok, rk, torch.float32)
+    compiled = torch.compile(fast_mod, fullgraph=True)
+    cq, ck = compiled(q, k, 7)
+    _close(cq, rq, torch.float32), _close(ck, rk, torch.float32)
+
+
+def test_bench_quick_smoke_json_has_every_row(tmp_path):
+    from typer.testing import CliRunner
+
+    from ropekit.cli import app, build_app
+    from ropekit.kernels import bench
+
+    build_app()
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--quick", "--dtypes", "float32", "--repeats", "1",
+                                      "--warmup", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    names = {(r["shape"], r["name"]) for r in data["rows"]}
+    for shape in bench.QUICK_SHAPES:
+        for name in bench.NAMES:
+            assert (shape.name, name) in names
+    timed = {r["name"] for r in data["rows"] if r["median_ms"] is not None}
+    assert {"ropekit reference", "ropekit cpu (table cached)", "transformers (cos/sin + apply_rotary_pos_emb)",
+            "copy bound: q.clone()+k.clone()"} <= timed
+    for r in data["rows"]:  # every row is timed or says why not
+        assert r["median_ms"] is not None or r["note"].startswith("skipped:")
+    # ropekit's fast rows agree with the reference in the same run
+    assert all(r["max_err"] < 1e-5 for r in data["rows"] if r["name"].startswith("ropekit") and r["max_err"] is not None)
+    bad = CliRunner().invoke(app, ["bench", "--quick", "--dtypes", "float64"])
+    assert bad.exit_code == 1 and "float64" in bad.output
