@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Modules under ropekit.commands; each defines register(app).
-COMMAND_MODULES: list[str] = ["evaluate", "compare", "inspect", "export"]
+COMMAND_MODULES: list[str] = ["evaluate", "compare", "inspect", "export", "bench"]
 
 
 def build_app() -> typer.Typer:
