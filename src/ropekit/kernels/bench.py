@@ -13,7 +13,9 @@ reference in the same channel layout (``max_err``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import platform
 import statistics
 import time
@@ -240,10 +242,31 @@ def _liger(case: Case):
     return fn, lambda: (fn(), "neox")
 
 
+FLASH_ATTN_ROTARY_ENV = "ROPEKIT_FLASH_ATTN_ROTARY"
+
+
+def _flash_attn_rotary():
+    """flash-attention's Triton ``apply_rotary``: from the installed package, else from the file named by
+    $ROPEKIT_FLASH_ATTN_ROTARY (its ``flash_attn/ops/triton/rotary.py`` alone needs only torch and triton,
+    while importing the package needs its compiled CUDA extension)."""
+    try:
+        from flash_attn.ops.triton.rotary import apply_rotary
+
+        return apply_rotary
+    except ImportError as err:
+        path = os.environ.get(FLASH_ATTN_ROTARY_ENV)
+        if not path:
+            raise ImportError(f"{err}; or set ${FLASH_ATTN_ROTARY_ENV} to flash_attn/ops/triton/rotary.py") from None
+        spec = importlib.util.spec_from_file_location("flash_attn_triton_rotary", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.apply_rotary
+
+
 def _flash_attn(case: Case):
     if case.device.type != "cuda":
         raise RuntimeError("GPU only")
-    from flash_attn.ops.triton.rotary import apply_rotary as fa_rotary
+    fa_rotary = _flash_attn_rotary()
 
     s = case.shape
     n = max(s.max_position, s.seq)
