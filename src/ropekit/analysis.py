@@ -75,7 +75,7 @@ class RopeReport:
     config: RopeConfig
     trained_length: int
     target_length: int
-    wavelengths: torch.Tensor
+    wavelengths: torch.Tensor  # (rotary_dim/2,) of the model's RoPE without scaling (what pre-training saw)
     methods: list[MethodView]
     decay_distances: torch.Tensor
     decay: dict[str, torch.Tensor]
@@ -132,17 +132,18 @@ class RopeReport:
             "",
             f"target length {self.target_length} (factor {self.factor:g}):",
         ]
-        header = (f"  {'method':<13}{'attn scale':>11}{'kept':>6}{'slowed by s':>13}{'> target':>10}"
+        width = max([13] + [len(m.name) + 1 for m in self.methods])
+        header = (f"  {'method':<{width}}{'attn scale':>11}{'kept':>6}{'slowed by s':>13}{'> target':>10}"
                   f"{'max wavelength':>16}  note")
         lines.append(header)
         lines.append("  " + "-" * (len(header) - 2))
         for m in self.methods:
-            lines.append(f"  {m.name:<13}{m.attention_scale:>11.4f}{m.pairs_kept:>6}{m.pairs_interpolated:>13}"
+            lines.append(f"  {m.name:<{width}}{m.attention_scale:>11.4f}{m.pairs_kept:>6}{m.pairs_interpolated:>13}"
                          f"{m.pairs_beyond_target:>10}{float(m.wavelengths.max()):>16.4g}  {m.note}")
         for name, why in self.skipped.items():
-            lines.append(f"  {name:<13}{'-':>11}{'-':>6}{'-':>13}{'-':>10}{'-':>16}  skipped: {why}")
+            lines.append(f"  {name:<{width}}{'-':>11}{'-':>6}{'-':>13}{'-':>10}{'-':>16}  skipped: {why}")
         lines.append("")
-        lines.append("kept: pairs at the model's own speed; slowed by s: pairs interpolated by the full factor; "
+        lines.append("kept: pairs at plain RoPE's speed; slowed by s: pairs interpolated by the full factor; "
                      "> target: pairs with no full turn within the target length")
         return "\n".join(lines)
 
@@ -190,7 +191,7 @@ def _method_note(name: str, cfg: RopeConfig) -> str:
     if name == "base":
         return f"base -> {cfg.new_base:.4g}"
     return {
-        "default": "the model as trained",
+        "default": "plain RoPE, no scaling",
         "linear": "positions squeezed by s (PI)",
         "dynamic": "base grows with the length (shown at the target)",
         "yarn": "NTK-by-parts ramp + temperature",
@@ -237,13 +238,14 @@ def decay_distances(max_distance: int, points: int = 256) -> torch.Tensor:
 def inspect_rope(cfg: RopeConfig, target_length: int | None = None, *, name: str = "model") -> RopeReport:
     """Analyse ``cfg`` (the model's RoPE as trained) and every applicable method at ``target_length``.
 
-    ``target_length`` defaults to twice the trained length.
+    ``target_length`` defaults to twice the trained length (a model that is already scaled: its own target).
     """
     if not isinstance(cfg, RopeConfig):
         raise ValueError(f"cfg: expected a RopeConfig, got {type(cfg).__name__}")
     trained = trained_length_of(cfg)
     if target_length is None:
-        target_length = 2 * trained
+        # An already-extended model (e.g. Llama 3.1, factor 8) is shown at its own target length.
+        target_length = cfg.target_length if cfg.is_scaled and cfg.target_length else 2 * trained
     if isinstance(target_length, bool) or int(target_length) != target_length or target_length < 1:
         raise ValueError(f"target_length: must be a positive integer, got {target_length!r}")
     target_length = int(target_length)
@@ -262,7 +264,7 @@ def inspect_rope(cfg: RopeConfig, target_length: int | None = None, *, name: str
     distances = decay_distances(2 * target_length)
     decay = {v.name: decay_curve(2 * math.pi / v.wavelengths, distances) for v in views}
     return RopeReport(name=name, config=cfg, trained_length=trained, target_length=target_length,
-                      wavelengths=own.wavelengths, methods=views, decay_distances=distances, decay=decay,
+                      wavelengths=original_plain, methods=views, decay_distances=distances, decay=decay,
                       skipped=skipped)
 
 

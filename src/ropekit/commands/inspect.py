@@ -66,7 +66,11 @@ def rope_from_source(source: str | None) -> tuple[Any, str]:
     if model_type in NO_ROPE_FAMILIES or (model_type not in SUPPORTED_FAMILIES
                                           and not any(k in config for k in ROPE_KEYS)):
         raise ValueError(unsupported_family_message(model_type))
-    name = config.get("_name_or_path") or (path.parent.name if path.suffix == ".json" else path.name) or str(source)
+    if path.suffix == ".json":
+        fallback = path.parent.resolve().name if path.name == "config.json" else path.stem
+    else:
+        fallback = path.name
+    name = config.get("_name_or_path") or fallback or str(source)
     return RopeConfig.from_hf(config), f"{name} ({model_type})" if model_type else name
 
 
@@ -78,7 +82,8 @@ def register(app: typer.Typer) -> None:
     def inspect_command(
         model: ModelArg = None,
         target_length: Annotated[Optional[int], typer.Option(
-            "--target-length", "-t", help="length to extend to (default: twice the trained length)")] = None,
+            "--target-length", "-t", help="length to extend to (default: twice the trained length; an already "
+                                          "scaled model: its own target)")] = None,
         out: Annotated[Path, typer.Option("--out", "-o", help="folder for the plots")] = Path("ropekit-inspect"),
         json_file: Annotated[Optional[Path], typer.Option("--json", help="write the full analysis as JSON")] = None,
         no_plots: Annotated[bool, typer.Option("--no-plots", help="print the table only")] = False,
