@@ -183,7 +183,8 @@ def evaluate_retrieval(model, tokenizer, build: PromptBuilder, runs: Sequence, l
             result = RetrievalResult(task, rope.method if rope else "model", rope.factor if rope else None,
                                      list(lengths), depths, accuracy, records, rope.to_dict() if rope else {},
                                      run.label)
-            bar.write(f"  {run.label:<14} {task} accuracy {result.mean_accuracy:.0%}")
+            if progress:
+                bar.write(f"  {run.label:<14} {task} accuracy {result.mean_accuracy:.0%}")
             results.append(result)
     finally:
         bar.close()

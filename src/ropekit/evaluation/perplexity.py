@@ -60,7 +60,11 @@ def layer_progress(model, desc: str, enabled: bool = True):
         yield
         return
     bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
-    handles = [layer.register_forward_hook(lambda *_: bar.update(1)) for layer in layers]
+
+    def tick(*_):  # a forward hook's non-None return would replace the layer's output
+        bar.update(1)
+
+    handles = [layer.register_forward_hook(tick) for layer in layers]
     try:
         yield
     finally:
@@ -206,7 +210,8 @@ def evaluate_perplexity(model, runs: Iterable[MethodRun], lengths: Sequence[int]
                     method=run.rope.method, factor=run.rope.factor, length=length, ppl=ppl, bucket_size=bucket_size,
                     bucket_ppl=bucket_ppl, bucket_tokens=counts, windows=[w.name for w in windows],
                     rope=run.rope.to_dict(), label=run.label))
-                bar.write(f"  {run.label:<14} length {length:>6}: ppl {ppl:.3f}")
+                if progress:
+                    bar.write(f"  {run.label:<14} length {length:>6}: ppl {ppl:.3f}")
     finally:
         bar.close()
     return results
