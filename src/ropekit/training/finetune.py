@@ -47,6 +47,8 @@ CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
 STATE_FILE = "state.pt"
 # Settings that do not change the numbers a run produces, so a resumed run may change them.
+# Learning rate after warm-up: constant (the papers' fine-tuning) or cosine down to 10% (pretraining).
+DECAYS = ("constant", "cosine")
 NOT_FINGERPRINTED = ("steps", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
 
 
@@ -75,6 +77,7 @@ class FinetuneSettings:
     keep_checkpoints: int = 2
     seed: int = 0
     strategy: str = "ddp"
+    decay: str = "constant"
 
     def __post_init__(self) -> None:
         for name, minimum in (("seq_len", 2), ("steps", 1), ("batch_size", 1), ("grad_accum", 1),
@@ -88,6 +91,8 @@ class FinetuneSettings:
             raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm: must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay: {self.decay!r} not accepted; accepted: {', '.join(DECAYS)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: {self.strategy!r} not accepted; accepted: {', '.join(STRATEGIES)}")
 
@@ -99,6 +104,8 @@ class FinetuneSettings:
         """The settings that decide the numbers (everything but NOT_FINGERPRINTED)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
         out["betas"] = list(self.betas)
+        if self.decay != "constant":
+            out["steps"] = self.steps  # the schedule depends on the run length
         if not self.lora:
             out.pop("lora_rank")
             out.pop("lora_alpha")
@@ -304,9 +311,19 @@ def set_gradient_checkpointing(model: torch.nn.Module, enable: bool) -> None:
         base.gradient_checkpointing_disable()
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup`` steps (step 1 already gets lr/warmup, never 0), then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int, decay: str = "constant",
+                    steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps (step 1 already gets lr/warmup, never 0), then constant, or a cosine
+    from the peak down to 10% of it at ``steps``."""
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, (steps or 1) - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train(
@@ -361,7 +378,7 @@ def train(
     if not params:
         raise ValueError("model: no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=settings.betas)
-    scheduler = warmup_schedule(optimizer, settings.warmup)
+    scheduler = warmup_schedule(optimizer, settings.warmup, settings.decay, settings.steps)
 
     result = TrainResult()
     step = 0

@@ -1,0 +1,67 @@
+"""`ropekit study`: pretrain a small model short, extend it with each method, fine-tune long, report."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("study")(study_command)
+
+
+def study_command(
+    out: Path = typer.Option(Path("ropekit-report-study"), "--out", help="Report folder."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a couple of minutes, for a smoke test."),
+    methods: str = typer.Option(",".join(("default", "linear", "ntk", "dynamic", "yarn")), "--methods",
+                                help="Comma-separated: default (no scaling), linear, ntk, dynamic, yarn."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="Model width (default 128; quick 64)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Decoder layers (default 4; quick 2)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads (default 4)."),
+    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="Key/value heads (default 2)."),
+    train_len: Optional[int] = typer.Option(None, "--train-len", help="Pretraining length in bytes (default 256)."),
+    factor: Optional[int] = typer.Option(None, "--factor", help="Extension factor; fine-tuning length = factor x "
+                                                                "train-len (default 8)."),
+    pretrain_steps: Optional[int] = typer.Option(None, "--pretrain-steps", help="Default 800; quick 150."),
+    pretrain_batch: Optional[int] = typer.Option(None, "--pretrain-batch", help="Rows per pretraining step."),
+    pretrain_lr: Optional[float] = typer.Option(None, "--pretrain-lr"),
+    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Per method (default 40)."),
+    finetune_batch: Optional[int] = typer.Option(None, "--finetune-batch", help="Long rows per fine-tuning step."),
+    finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr"),
+    eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Held-out files per length."),
+    passkey_samples: Optional[int] = typer.Option(None, "--passkey-samples", help="Passkey prompts per length."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Pretrain a small Llama-style model at a short length on the Python standard library, evaluate it at
+    2x/4x/8x with no scaling, linear, NTK, dynamic NTK and YaRN, fine-tune each at the long length, evaluate
+    again, and write OUT/summary.md with tables and plots. The default run takes under 30 minutes on 2 CPU cores.
+    """
+    from ropekit.commands.common import error_exit
+    from ropekit.training.study import QUICK, StudySizes, run_study
+
+    chosen = {k: v for k, v in dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, train_len=train_len,
+                                     factor=factor, pretrain_steps=pretrain_steps, pretrain_batch=pretrain_batch,
+                                     pretrain_lr=pretrain_lr, finetune_steps=finetune_steps,
+                                     finetune_batch=finetune_batch, finetune_lr=finetune_lr,
+                                     eval_windows=eval_windows, passkey_samples=passkey_samples,
+                                     seed=seed).items() if v is not None}
+    try:
+        sizes = dataclasses.replace(QUICK if quick else StudySizes(), **chosen)
+        names = tuple(m.strip() for m in methods.split(",") if m.strip())
+        if not names:
+            raise ValueError("methods: give at least one method")
+        results = run_study(out, sizes, names, progress=progress, log=typer.echo)
+    except ValueError as exc:
+        message = str(exc)
+        head, sep, rest = message.partition(":")
+        if sep and head.isidentifier() and head != "data":
+            message = f"--{head.replace('_', '-')}:{rest}"
+        error_exit(message)
+        return
+    typer.echo((out / "summary.md").read_text())
+    typer.echo(f"report: {out} (summary.md, results.json, ppl_vs_position.png, training_curves.png); "
+               f"{results['timings']['total_s'] / 60:.1f} min")

@@ -1,0 +1,506 @@
+"""`ropekit study`: train short, extend, fine-tune long — the evidence, end to end, on a CPU.
+
+1. Pretrain a small Llama-style ``transformers`` model (built from a config, random init) at a short length
+   L on real text: the Python standard library's sources, as UTF-8 bytes. Byte tokens (vocab 257) keep the
+   embedding and softmax from dominating a CPU run, need no tokenizer training and are lossless; the
+   price is fewer characters per context than a subword tokenizer gives.
+   A share of the pretraining rows are synthetic passkey prompts (the standard filler, "The pass key is
+   K. Remember it. K is the pass key.", then "What is the pass key? The pass key is K") so the small model
+   learns retrieval at length L; the evaluation asks for keys in longer prompts.
+2. Evaluate every method (no scaling, linear/PI, NTK, dynamic NTK, YaRN; scale s = factor) at L, 2L, 4L and
+   8L: perplexity per length and per position bucket on held-out files, passkey accuracy.
+3. Fine-tune a copy of the pretrained model with each method for the same number of steps at the long
+   length (factor * L), on the same mixture, and evaluate again.
+4. Write the report folder: summary.md, results.json, ppl_vs_position.png, training_curves.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import sysconfig
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ropekit.config import RopeConfig
+from ropekit.training.data import ByteTokenizer, PackedRows, pack_documents, tokenize_documents
+from ropekit.training.finetune import FinetuneSettings, plot_training_curves, train
+
+STUDY_METHODS = ("default", "linear", "ntk", "dynamic", "yarn")
+METHOD_LABELS = {"default": "no scaling", "linear": "linear (PI)", "ntk": "NTK", "dynamic": "dynamic NTK",
+                 "yarn": "YaRN"}
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "What is the pass key? The pass key is "
+KEY_DIGITS = 5
+# Key sentence + question + key + at least 16 filler bytes.
+MIN_PROMPT = len("The pass key is 12345. Remember it. 12345 is the pass key. ") + len(QUESTION) + KEY_DIGITS + 16
+
+
+@dataclass(frozen=True)
+class StudySizes:
+    """Every size of the study (the CLI exposes each as an option)."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    rope_base: float = 10000.0
+    train_len: int = 256
+    factor: int = 8
+    pretrain_steps: int = 800
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    finetune_steps: int = 40
+    finetune_batch: int = 2
+    finetune_lr: float = 3e-4
+    finetune_warmup: int = 5
+    passkey_share: float = 0.2
+    eval_windows: int = 6
+    passkey_samples: int = 16
+    max_files: int = 600
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "train_len", "factor",
+                     "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch", "eval_windows",
+                     "passkey_samples", "max_files"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise ValueError(f"hidden: must split into {self.heads} heads of an even size, got {self.hidden}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads: must divide heads ({self.heads}), got {self.kv_heads}")
+        if self.factor < 2:
+            raise ValueError(f"factor: must be >= 2 (the study extends the context), got {self.factor}")
+        if self.train_len < MIN_PROMPT:
+            raise ValueError(f"train_len: must be >= {MIN_PROMPT} bytes to hold a passkey prompt, got {self.train_len}")
+        if not 0 <= self.passkey_share < 1:
+            raise ValueError(f"passkey_share: must be in [0, 1), got {self.passkey_share}")
+
+    @property
+    def long_len(self) -> int:
+        return self.train_len * self.factor
+
+    @property
+    def eval_lengths(self) -> list[int]:
+        """L, 2L, 4L, ... up to factor * L."""
+        out, n = [], self.train_len
+        while n <= self.long_len:
+            out.append(n)
+            n *= 2
+        if out[-1] != self.long_len:
+            out.append(self.long_len)
+        return out
+
+
+QUICK = StudySizes(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192, train_len=128, factor=8,
+                   pretrain_steps=150, pretrain_batch=8, pretrain_lr=3e-3, finetune_steps=6, finetune_batch=1,
+                   finetune_lr=5e-4, finetune_warmup=2, eval_windows=2, passkey_samples=6, max_files=120)
+
+
+# ---------------------------------------------------------------------- data
+def stdlib_files(max_files: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) document texts from the Python standard library's *.py files.
+
+    Files are split by a hash of their path (about 1 in 8 held out), so the split is the same everywhere;
+    test folders are skipped. ``max_files`` caps the training documents (sorted by path).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train_docs, held_out = [], []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if "test" in rel.split("/")[0] or "site-packages" in rel or "idlelib" in rel:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            continue
+        if zlib.crc32(rel.encode()) % 8 == 0:
+            held_out.append(text)
+        elif len(train_docs) < max_files:
+            train_docs.append(text)
+    if not train_docs or not held_out:
+        raise ValueError(f"data: no Python sources found under {root}")
+    return train_docs, held_out
+
+
+def passkey_prompt(length: int, depth: float, key: str, offset: int = 0) -> str:
+    """A prompt of exactly ``length`` bytes: filler with the key sentence at ``depth`` (0..1) of the filler,
+    then the question and the key as the last KEY_DIGITS bytes."""
+    sentence = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    room = length - len(sentence) - len(QUESTION) - len(key)
+    if room < 0:
+        raise ValueError(f"length: {length} bytes cannot hold a passkey prompt")
+    filler = (FILLER * (room // len(FILLER) + 2))[offset % len(FILLER):][:room]
+    cut = int(round(depth * room))
+    return filler[:cut] + sentence + filler[cut:] + QUESTION + key
+
+
+def passkey_rows(count: int, length: int, rng: random.Random) -> PackedRows:
+    """``count`` rows of single passkey prompts at random depths and keys, positions 0..length-1."""
+    tok = ByteTokenizer()
+    ids = []
+    for _ in range(count):
+        key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS))
+        ids.append(tok.encode(passkey_prompt(length, rng.random(), key, rng.randrange(len(FILLER)))))
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    positions = torch.arange(length).expand(count, length).clone()
+    labels = input_ids.clone()
+    labels[:, 0] = -100
+    return PackedRows(input_ids, positions, labels)
+
+
+def mixed_rows(docs: list[str], length: int, passkey_share: float, seed: int) -> PackedRows:
+    """Packed source-code rows plus passkey rows (``passkey_share`` of the total)."""
+    code = pack_documents(tokenize_documents(docs, ByteTokenizer()), length)
+    n_passkey = int(round(len(code) * passkey_share / (1 - passkey_share))) if passkey_share else 0
+    if n_passkey == 0:
+        return code
+    keys = passkey_rows(n_passkey, length, random.Random(seed))
+    return PackedRows(torch.cat((code.input_ids, keys.input_ids)), torch.cat((code.position_ids, keys.position_ids)),
+                      torch.cat((code.labels, keys.labels)))
+
+
+def held_out_windows(docs: list[str], length: int, count: int) -> list:
+    """The first ``length`` bytes of the first ``count`` held-out files that long (TokenWindow list)."""
+    from ropekit.evaluation import TokenWindow
+
+    tok = ByteTokenizer()
+    out = []
+    for i, text in enumerate(docs):
+        ids = tok.encode(text)
+        if len(ids) >= length:
+            out.append(TokenWindow(f"held-out-{i}", torch.tensor(ids[:length], dtype=torch.long)))
+            if len(out) == count:
+                return out
+    raise ValueError(f"data: only {len(out)} held-out files have {length} bytes; lower --eval-windows or the sizes")
+
+
+# ---------------------------------------------------------------------- model
+def build_model(sizes: StudySizes):
+    """A fresh Llama-style causal LM (random init, seeded) whose trained length is sizes.train_len."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(sizes.seed)
+    tok = ByteTokenizer()
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
+                         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
+                         num_key_value_heads=sizes.kv_heads, max_position_embeddings=sizes.train_len,
+                         rope_theta=sizes.rope_base, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                         pad_token_id=None, tie_word_embeddings=True, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def method_config(base: RopeConfig, method: str, factor: float) -> RopeConfig:
+    """The pretrained RoPE extended by ``method`` to factor * L (no scaling: unchanged)."""
+    if method == "default":
+        return base
+    return base.with_method(method, factor=float(factor),
+                            max_position=int(round(factor * base.original_max_position)))
+
+
+# ---------------------------------------------------------------------- evaluation
+@torch.inference_mode()
+def passkey_accuracy(model, cfg: RopeConfig, length: int, samples: int, seed: int) -> float:
+    """Share of prompts whose KEY_DIGITS answer bytes are all the model's argmax given the prompt before each
+    (teacher forcing: equal to greedy decoding of the key). Depths spread evenly over 0.05..0.95."""
+    from ropekit.models import apply_rope
+
+    rng = random.Random(seed * 7919 + length)
+    tok = ByteTokenizer()
+    prompts = []
+    for i in range(samples):
+        depth = 0.05 + 0.9 * i / max(1, samples - 1)
+        key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS))
+        prompts.append(tok.encode(passkey_prompt(length, depth, key, rng.randrange(len(FILLER)))))
+    ids = torch.tensor(prompts, dtype=torch.long)
+    correct = 0
+    with apply_rope(model, cfg):
+        for start in range(0, samples, 4):
+            batch = ids[start:start + 4]
+            logits = model(input_ids=batch, use_cache=False).logits
+            correct += int(keys_correct(logits, batch).sum())
+    return correct / samples
+
+
+def keys_correct(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(batch,) bool: the argmax at each of the KEY_DIGITS positions before the last ones equals the next byte,
+    i.e. the model predicts every key digit (logits (batch, seq, vocab), input_ids (batch, seq))."""
+    guess = logits[:, -KEY_DIGITS - 1:-1].argmax(-1)
+    return (guess == input_ids[:, -KEY_DIGITS:]).all(-1)
+
+
+def evaluate_methods(model, configs: dict[str, RopeConfig], sizes: StudySizes, windows: dict[int, list],
+                     stage: str, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Perplexity per length (and per bucket at the longest) plus passkey accuracy per length, per method."""
+    from tqdm.auto import tqdm
+
+    from ropekit.evaluation import MethodRun, evaluate_perplexity
+
+    lengths = sizes.eval_lengths
+    bucket = max(1, sizes.train_len // 4)
+    out: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(configs) * len(lengths), desc=f"evaluate ({stage})", disable=not progress,
+               dynamic_ncols=True)
+    for method, cfg in configs.items():
+        # progress=False: evaluation's per-layer bar hooks return tqdm.update's value, which replaces layer
+        # outputs in transformers 5 (reported); this bar ticks per (method, length) instead.
+        results = evaluate_perplexity(model, [MethodRun(f"{METHOD_LABELS[method]} ({stage})", cfg)], lengths,
+                                      windows, bucket_size=bucket, progress=False)
+        passkey = {}
+        for n in lengths:
+            passkey[n] = passkey_accuracy(model, cfg, n, sizes.passkey_samples, sizes.seed)
+            bar.update(1)
+        longest = results[-1]
+        out[method] = {"ppl": {r.length: r.ppl for r in results}, "passkey": passkey,
+                       "bucket_size": bucket, "bucket_ppl": longest.bucket_ppl, "rope": cfg.to_dict()}
+        bar.write(f"  {METHOD_LABELS[method]:<12} {stage:<15} ppl " +
+                  " ".join(f"{n}:{_ppl(r.ppl)}" for n, r in zip(lengths, results)) +
+                  "  passkey " + " ".join(f"{n}:{v:.0%}" for n, v in passkey.items()))
+    bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------- the study
+def run_study(out_dir: str | Path, sizes: StudySizes = StudySizes(), methods: tuple[str, ...] = STUDY_METHODS,
+              progress: bool = True, log=print) -> dict[str, Any]:
+    """Run the whole study and write the report folder; returns the results dict (also results.json)."""
+    from ropekit.models import apply_rope
+
+    for m in methods:
+        if m not in STUDY_METHODS:
+            raise ValueError(f"methods: {m!r} not accepted; accepted: {', '.join(STUDY_METHODS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    train_docs, held_out = stdlib_files(sizes.max_files)
+    windows = {n: held_out_windows(held_out, n, sizes.eval_windows) for n in sizes.eval_lengths}
+
+    # 1. pretrain at L
+    log(f"[study] pretraining a {sizes.layers}-layer, hidden-{sizes.hidden} model at {sizes.train_len} tokens "
+        f"for {sizes.pretrain_steps} steps")
+    t0 = time.perf_counter()
+    model = build_model(sizes)
+    n_params = sum(p.numel() for p in model.parameters())
+    pre_rows = mixed_rows(train_docs, sizes.train_len, sizes.passkey_share, sizes.seed)
+    pre_settings = FinetuneSettings(seq_len=sizes.train_len, steps=sizes.pretrain_steps, lr=sizes.pretrain_lr,
+                                    warmup=max(1, sizes.pretrain_steps // 20), weight_decay=0.1,
+                                    batch_size=sizes.pretrain_batch, gradient_checkpointing=False,
+                                    decay="cosine", seed=sizes.seed)
+    base_cfg = RopeConfig.from_hf(model.config)
+    with apply_rope(model, base_cfg):
+        pretrain = train(model, pre_rows, pre_settings, progress=progress, desc="pretrain")
+    timings["pretrain_s"] = time.perf_counter() - t0
+    model.eval()
+
+    configs = {m: method_config(base_cfg, m, sizes.factor) for m in methods}
+    t0 = time.perf_counter()
+    before = evaluate_methods(model, configs, sizes, windows, "no fine-tuning", progress)
+    timings["evaluate_before_s"] = time.perf_counter() - t0
+
+    # 2. fine-tune each method at factor * L
+    long_rows = mixed_rows(train_docs, sizes.long_len, sizes.passkey_share, sizes.seed + 1)
+    ft_settings = FinetuneSettings(seq_len=sizes.long_len, steps=sizes.finetune_steps, lr=sizes.finetune_lr,
+                                   warmup=sizes.finetune_warmup, batch_size=sizes.finetune_batch,
+                                   gradient_checkpointing=False, seed=sizes.seed)
+    after: dict[str, Any] = {}
+    curves: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for method, cfg in configs.items():
+        tuned = copy.deepcopy(model)
+        patch = apply_rope(tuned, cfg)
+        if cfg.length_dependent:
+            patch.fix_length(sizes.long_len)
+        result = train(tuned, long_rows, ft_settings, progress=progress, desc=f"fine-tune {METHOD_LABELS[method]}")
+        patch.remove()
+        curves[method] = result.history
+        after.update(evaluate_methods(tuned, {method: cfg}, sizes, windows, "fine-tuned", progress))
+        del tuned
+    timings["finetune_and_evaluate_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+
+    results = {"sizes": dataclasses.asdict(sizes), "parameters": n_params, "methods": list(methods),
+               "eval_lengths": sizes.eval_lengths, "pretrain_rows": len(pre_rows), "finetune_rows": len(long_rows),
+               "before": before, "after": after, "pretrain_history": pretrain.history, "finetune_history": curves,
+               "timings": timings, "torch_threads": torch.get_num_threads()}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_position(results, out / "ppl_vs_position.png")
+    plot_curves(results, out / "training_curves.png")
+    (out / "summary.md").write_text(summary_markdown(results))
+    log(f"[study] wrote {out / 'summary.md'} in {timings['total_s'] / 60:.1f} min")
+    return results
+
+
+# ---------------------------------------------------------------------- report
+def plot_position(results: dict[str, Any], path: Path) -> None:
+    """Perplexity per position bucket in the longest window, per method, before (solid) and after (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = results["sizes"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, method in enumerate(results["methods"]):
+        for stage, style in (("before", "-"), ("after", "--")):
+            entry = results[stage][method]
+            size = entry["bucket_size"]
+            xs = [(b + 0.5) * size for b in range(len(entry["bucket_ppl"]))]
+            label = f"{METHOD_LABELS[method]} ({'fine-tuned' if stage == 'after' else 'no fine-tuning'})"
+            ax.plot(xs, entry["bucket_ppl"], style, color=colors[i % len(colors)], label=label)
+    ax.axvline(sizes["train_len"], color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"position (bytes); grey line: trained length {sizes['train_len']}")
+    ax.set_ylabel("perplexity per byte (bucket)")
+    ax.set_title(f"perplexity vs position, {sizes['train_len'] * sizes['factor']}-byte windows")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Pretraining loss, and fine-tuning loss per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    pre = results["pretrain_history"]
+    ax1.plot([h["step"] for h in pre], [h["loss"] for h in pre])
+    ax1.set_title(f"pretraining at {results['sizes']['train_len']} bytes")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss (nats/byte)")
+    for method, history in results["finetune_history"].items():
+        ax2.plot([h["step"] for h in history], [h["loss"] for h in history], label=METHOD_LABELS[method])
+    ax2.set_title(f"fine-tuning at {results['sizes']['train_len'] * results['sizes']['factor']} bytes")
+    ax2.set_xlabel("step")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(results: dict[str, Any], stage: str, key: str, fmt) -> list[str]:
+    lengths = results["eval_lengths"]
+    train_len = results["sizes"]["train_len"]
+    head = "| method | " + " | ".join(f"{n} ({n // train_len}x)" for n in lengths) + " |"
+    lines = [head, "|---" * (len(lengths) + 1) + "|"]
+    for method in results["methods"]:
+        values = results[stage][method][key]
+        cells = [fmt(values.get(n, values.get(str(n)))) for n in lengths]
+        lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.3f}" if value < 1000 else f"{value:.3g}"
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The report text: sizes, tables before/after, passkey, fine-tuning speed, wall time."""
+    s = results["sizes"]
+    t = results["timings"]
+    long_len = s["train_len"] * s["factor"]
+    lines = [
+        "# ropekit study: train short, extend, fine-tune long",
+        "",
+        f"Model: Llama-style, {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads "
+        f"({s['kv_heads']} KV), {results['parameters'] / 1e6:.2f} M parameters, byte tokens (vocab 257), "
+        f"RoPE base {s['rope_base']:g}.",
+        f"Pretrained from scratch for {s['pretrain_steps']} steps x {s['pretrain_batch']} rows of "
+        f"{s['train_len']} bytes (Python standard library sources, {s['passkey_share']:.0%} synthetic passkey "
+        f"rows). Every method extends by factor {s['factor']} to {long_len} bytes; each is then fine-tuned "
+        f"{s['finetune_steps']} steps x {s['finetune_batch']} rows of {long_len} bytes (lr {s['finetune_lr']:g}, "
+        f"{s['finetune_warmup']} warm-up steps).",
+        f"Perplexity: per byte, first N bytes of {s['eval_windows']} held-out files per length. Passkey: "
+        f"{s['passkey_samples']} prompts per length, depths 5%..95%, exact match of the 5 key digits "
+        "(teacher-forced argmax = greedy decoding).",
+        "",
+        "## Perplexity before fine-tuning",
+        *_table(results, "before", "ppl", _ppl),
+        "",
+        "## Perplexity after fine-tuning",
+        *_table(results, "after", "ppl", _ppl),
+        "",
+        "## Passkey accuracy before fine-tuning",
+        *_table(results, "before", "passkey", lambda v: f"{v:.0%}"),
+        "",
+        "## Passkey accuracy after fine-tuning",
+        *_table(results, "after", "passkey", lambda v: f"{v:.0%}"),
+        "",
+        f"## Fine-tuning loss at {long_len} bytes (training rows, nats/byte)",
+    ]
+    steps = s["finetune_steps"]
+    marks = sorted({1, max(1, steps // 4), max(1, steps // 2), steps})
+    lines.append("| method | " + " | ".join(f"step {m}" for m in marks) + " |")
+    lines.append("|---" * (len(marks) + 1) + "|")
+    for method, history in results["finetune_history"].items():
+        by_step = {h["step"]: h["loss"] for h in history}
+        lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(f"{by_step[m]:.3f}" for m in marks) + " |")
+    lines += [
+        "",
+        f"Wall time: {t['total_s'] / 60:.1f} min (pretraining {t['pretrain_s'] / 60:.1f}, evaluation before "
+        f"fine-tuning {t['evaluate_before_s'] / 60:.1f}, fine-tuning + evaluation "
+        f"{t['finetune_and_evaluate_s'] / 60:.1f}) with {results['torch_threads']} torch threads.",
+        "",
+        "Plots: ppl_vs_position.png (per-position perplexity in the longest window), training_curves.png.",
+        "",
+        "## What this run shows",
+        *observations(results),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def observations(results: dict[str, Any]) -> list[str]:
+    """Plain statements computed from the numbers, next to the papers' claims (no claim is assumed true)."""
+    before, after = results["before"], results["after"]
+    lengths = results["eval_lengths"]
+    short, longest = lengths[0], lengths[-1]
+    get = lambda table, m, n: table[m]["ppl"][n]  # noqa: E731
+    out = []
+    if "default" in before:
+        b = before["default"]["ppl"]
+        out.append(f"- No scaling, no fine-tuning: ppl {_ppl(b[short])} at the trained length, {_ppl(b[longest])} at "
+                   f"{longest // short}x (paper claim: explodes past the trained length; "
+                   f"{'seen here' if b[longest] > 2 * b[short] else 'NOT seen here'}).")
+    if "default" in before and "linear" in before:
+        d, l0 = get(before, "default", short), get(before, "linear", short)
+        out.append(f"- PI without fine-tuning at the trained length: {_ppl(l0)} vs {_ppl(d)} unscaled "
+                   f"(claim: short contexts degrade; {'seen' if l0 > d * 1.05 else 'NOT seen'}).")
+        if "linear" in after:
+            l1 = get(after, "linear", short)
+            ll0, ll1 = get(before, "linear", longest), get(after, "linear", longest)
+            out.append(f"- PI after {results['sizes']['finetune_steps']} fine-tuning steps: {_ppl(l1)} at the "
+                       f"trained length, {_ppl(ll0)} -> {_ppl(ll1)} at {longest // short}x (claim: recovers "
+                       f"after fine-tuning; {'seen' if l1 < l0 and ll1 < ll0 else 'NOT seen'}).")
+    if "linear" in after and "yarn" in after:
+        hist = results["finetune_history"]
+        first = {m: hist[m][0]["loss"] for m in ("linear", "yarn")}
+        last = {m: hist[m][-1]["loss"] for m in ("linear", "yarn")}
+        y, p = get(after, "yarn", longest), get(after, "linear", longest)
+        out.append(f"- YaRN vs PI at {longest // short}x: before fine-tuning {_ppl(get(before, 'yarn', longest))} vs "
+                   f"{_ppl(get(before, 'linear', longest))}; after {_ppl(y)} vs {_ppl(p)}; fine-tuning loss "
+                   f"{first['yarn']:.3f}->{last['yarn']:.3f} vs {first['linear']:.3f}->{last['linear']:.3f} "
+                   f"(claim: YaRN needs fewer steps for the same result; "
+                   f"{'consistent' if y <= p and first['yarn'] <= first['linear'] else 'NOT seen'} here).")
+    for m in results["methods"]:
+        if m in after:
+            out.append(f"- {METHOD_LABELS[m]}: passkey at {longest // short}x {before[m]['passkey'][longest]:.0%} -> "
+                       f"{after[m]['passkey'][longest]:.0%} after fine-tuning.")
+    out.append("- A model this small, trained for minutes, is a toy: treat differences of a few percent as noise "
+               "(one seed, a handful of held-out files).")
+    return out

@@ -1,0 +1,150 @@
+"""The study: its pieces (data split, passkey prompts and scoring, sizes) and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from ropekit.training.data import ByteTokenizer
+from ropekit.training.study import (
+    KEY_DIGITS,
+    MIN_PROMPT,
+    QUESTION,
+    QUICK,
+    StudySizes,
+    keys_correct,
+    observations,
+    passkey_prompt,
+    passkey_rows,
+    run_study,
+    stdlib_files,
+    summary_markdown,
+)
+
+TINY = dataclasses.replace(QUICK, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, train_len=128, factor=4,
+                           pretrain_steps=4, pretrain_batch=4, finetune_steps=2, finetune_batch=1, eval_windows=1,
+                           passkey_samples=2, max_files=20)
+
+
+def test_passkey_prompt_has_exact_length_and_ends_with_the_key():
+    for length in (MIN_PROMPT, 256, 1000):
+        for depth in (0.0, 0.5, 1.0):
+            text = passkey_prompt(length, depth, "40213", offset=7)
+            assert len(ByteTokenizer().encode(text)) == length
+            assert text.endswith(QUESTION + "40213")
+            assert text.count("The pass key is 40213. Remember it.") == 1
+    early, late = passkey_prompt(1000, 0.1, "11111"), passkey_prompt(1000, 0.9, "11111")
+    assert early.index("The pass key") < late.index("The pass key")
+    with pytest.raises(ValueError, match="cannot hold a passkey prompt"):
+        passkey_prompt(50, 0.5, "12345")
+
+
+def test_passkey_rows_have_random_keys_and_full_positions():
+    rows = passkey_rows(4, 200, random.Random(0))
+    assert rows.input_ids.shape == (4, 200)
+    assert torch.equal(rows.position_ids[0], torch.arange(200))
+    keys = {ByteTokenizer().decode(r[-KEY_DIGITS:].tolist()) for r in rows.input_ids}
+    assert len(keys) > 1 and all(k.isdigit() for k in keys)
+
+
+def test_keys_correct_scores_teacher_forced_argmax():
+    ids = torch.tensor([[5, 6, 7, 1, 2, 3, 4, 5], [5, 6, 7, 1, 2, 3, 4, 5]])
+    logits = torch.zeros(2, 8, 10)
+    # Position t predicts token t+1: a perfect model puts its maximum on ids[t+1].
+    logits[torch.arange(2)[:, None], torch.arange(7)[None], ids[:, 1:]] = 1.0
+    assert keys_correct(logits, ids).tolist() == [True, True]
+    logits[1, 5, ids[1, 6]] = 0.0
+    logits[1, 5, 0] = 1.0  # one wrong digit fails the row
+    assert keys_correct(logits, ids).tolist() == [True, False]
+
+
+def test_stdlib_split_is_disjoint_and_stable():
+    train_a, held_a = stdlib_files(50)
+    train_b, held_b = stdlib_files(50)
+    assert train_a == train_b and held_a == held_b
+    assert len(train_a) == 50 and held_a
+    assert not set(train_a) & set(held_a)
+
+
+def test_sizes_validation_and_lengths():
+    assert StudySizes().eval_lengths == [256, 512, 1024, 2048]
+    assert dataclasses.replace(TINY, factor=4).eval_lengths == [128, 256, 512]
+    with pytest.raises(ValueError, match="factor: must be >= 2"):
+        dataclasses.replace(TINY, factor=1)
+    with pytest.raises(ValueError, match="kv_heads: must divide heads"):
+        dataclasses.replace(TINY, heads=4, kv_heads=3)
+    with pytest.raises(ValueError, match="train_len: must be >="):
+        dataclasses.replace(TINY, train_len=64)
+
+
+def _fake_results(explodes: bool) -> dict:
+    lengths = [128, 256, 512]
+    def entry(ppl, passkey=0.0):
+        return {"ppl": dict(zip(lengths, ppl)), "passkey": {n: passkey for n in lengths}, "bucket_size": 32,
+                "bucket_ppl": [1.0], "rope": {}}
+    before = {"default": entry([4.0, 40.0 if explodes else 4.1, 90.0 if explodes else 4.2]),
+              "linear": entry([5.0, 5.0, 5.1]), "yarn": entry([4.1, 4.3, 4.6])}
+    after = {"default": entry([4.2, 6.0, 9.0]), "linear": entry([4.3, 4.2, 4.2]), "yarn": entry([4.1, 4.1, 4.1], 0.5)}
+    hist = {m: [{"step": 1, "loss": 2.0 if m == "linear" else 1.5}, {"step": 2, "loss": 1.4}] for m in before}
+    return {"sizes": dataclasses.asdict(dataclasses.replace(TINY, factor=4, finetune_steps=2)), "parameters": 1e5,
+            "methods": ["default", "linear", "yarn"], "eval_lengths": lengths, "before": before, "after": after,
+            "pretrain_history": [], "finetune_history": hist, "torch_threads": 2,
+            "timings": {"total_s": 60, "pretrain_s": 30, "evaluate_before_s": 10, "finetune_and_evaluate_s": 20}}
+
+
+def test_observations_follow_the_numbers():
+    text = "\n".join(observations(_fake_results(explodes=True)))
+    assert "90.000 at 4x" in text and "explodes past the trained length; seen here" in text
+    assert "short contexts degrade; seen" in text
+    assert "recovers after fine-tuning; seen" in text
+    assert "YaRN needs fewer steps for the same result; consistent here" in text
+    flat = "\n".join(observations(_fake_results(explodes=False)))
+    assert "explodes past the trained length; NOT seen here" in flat
+    md = summary_markdown(_fake_results(explodes=True))
+    assert "| no scaling | 4.000 | 40.000 | 90.000 |" in md
+    assert "| YaRN | 100% | 100% | 100% |" not in md and "| YaRN | 50% | 50% | 50% |" in md
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    results = run_study(out, TINY, ("default", "linear", "yarn"), progress=False, log=lambda *_: None)
+    for name in ("summary.md", "results.json", "ppl_vs_position.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["methods"] == ["default", "linear", "yarn"]
+    assert saved["eval_lengths"] == [128, 256, 512]
+    for stage in ("before", "after"):
+        for method in saved["methods"]:
+            ppl = saved[stage][method]["ppl"]
+            assert set(ppl) == {"128", "256", "512"}
+            assert all(math.isfinite(v) and v > 1 for v in ppl.values())
+    assert len(saved["pretrain_history"]) == 4
+    assert all(len(h) == 2 for h in saved["finetune_history"].values())
+    # Fine-tuning changed each model: the "after" numbers are not the "before" ones.
+    assert saved["after"]["yarn"]["ppl"]["512"] != saved["before"]["yarn"]["ppl"]["512"]
+    # The same config gives the same evaluation before fine-tuning (no scaling = the pretrained model).
+    md = (out / "summary.md").read_text()
+    first = results["before"]["default"]["ppl"][128]
+    assert f"| no scaling | {first:.3f} |" in md
+    assert "Perplexity after fine-tuning" in md and "Passkey accuracy before fine-tuning" in md
+
+
+def test_study_command_rejects_bad_sizes(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from ropekit.commands import study as study_module
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.callback()(lambda: None)
+    study_module.register(app)
+    result = CliRunner().invoke(app, ["study", "--quick", "--out", str(tmp_path), "--factor", "1"])
+    assert result.exit_code != 0
+    assert "--factor: must be >= 2" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["study", "--quick", "--out", str(tmp_path), "--methods", "longrope"])
+    assert result.exit_code != 0 and "--methods: 'longrope' not accepted" in result.output
