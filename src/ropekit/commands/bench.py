@@ -33,6 +33,8 @@ def bench_command(
     dtypes: Annotated[str, typer.Option("--dtypes", help="comma-separated: float32, bfloat16")] = "float32,bfloat16",
     repeats: Annotated[Optional[int], typer.Option("--repeats", help="timed calls per row (default 15, quick 3)")] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="untimed calls first (default 3, quick 1)")] = None,
+    shapes: Annotated[Optional[str], typer.Option("--shapes", help="comma-separated subset: prefill-gqa, batch-mha, "
+                                                  "decode-128k (tiny-prefill, tiny-decode)")] = None,
 ) -> None:
     """Time RoPE implementations (medians) and print a table of ratios to transformers and to the copy bound."""
     import torch
@@ -51,8 +53,9 @@ def bench_command(
             typer.echo(f"error: {name}: must be >= 1, got {value}", err=True)
             raise typer.Exit(1)
     try:
+        shape_names = tuple(x.strip() for x in shapes.split(",") if x.strip()) if shapes else None
         result = bench.run(quick=quick, device=device, dtypes=names, repeats=repeats, warmup=warmup,
-                           log=lambda line: typer.echo(line, err=True))
+                           log=lambda line: typer.echo(line, err=True), shape_names=shape_names)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -350,10 +350,17 @@ def run(
     repeats: int | None = None,
     warmup: int | None = None,
     log: Callable[[str], None] = print,
+    shape_names: tuple[str, ...] | None = None,
 ) -> dict:
     """Run the comparison; return a JSON-ready dict {"env": ..., "rows": [...], "skipped": {...}}."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    if shape_names:
+        known = {sh.name: sh for sh in FULL_SHAPES + QUICK_SHAPES}
+        for n in shape_names:
+            if n not in known:
+                raise ValueError(f"shape: {n!r} not accepted; accepted: {', '.join(known)}")
+        shapes = tuple(known[n] for n in shape_names)
     repeats = repeats or (3 if quick else 15)
     warmup = warmup or (1 if quick else 3)
     for d in dtypes:
