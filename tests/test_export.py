@@ -204,9 +204,13 @@ def test_smollm2_gguf_export_loads_in_plain_transformers(smollm2, stdlib_text, t
     out = export_model(smollm2, cfg, tmp_path / "smollm2-yarn2")
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "yarn" and config["max_position_embeddings"] == 16384
+    assert "quantization_config" not in config  # an ordinary float checkpoint
+    assert hasattr(smollm2.model, "hf_quantizer") and smollm2.model.hf_quantizer is not None  # marks restored
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
     ids = smollm2.tokenizer(stdlib_text, return_tensors="pt")["input_ids"][:, :512]
     with apply_rope(smollm2.model, cfg), torch.no_grad():
         expected = smollm2.model(ids).logits
     (got,) = _plain_transformers_logits([(out, ids, None)], tmp_path)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # float32 round-off through 30 layers (transformers builds its angles in float32, ropekit in float64)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))

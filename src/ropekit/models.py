@@ -27,6 +27,7 @@ boolean from the device per forward call, only for length-dependent methods. ``d
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib.util
@@ -657,7 +658,8 @@ def export_model(
             import copy
 
             save_model = copy.deepcopy(model).to(target_dtype)
-        save_model.save_pretrained(tmp)
+        with _dequantized_gguf_for_saving(save_model):
+            save_model.save_pretrained(tmp)
         config_path = tmp / "config.json"
         config = hf_config_for(json.loads(config_path.read_text()), cfg)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -678,6 +680,42 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@contextlib.contextmanager
+def _dequantized_gguf_for_saving(model: nn.Module) -> Iterator[None]:
+    """Let ``save_pretrained`` write a GGUF-loaded model whose weights transformers already dequantized.
+
+    transformers refuses to serialize any GGUF-loaded model; when every weight is a plain float tensor (the
+    CPU path dequantizes the whole model) the checkpoint is an ordinary one, so the quantizer marks are
+    lifted for the save and put back afterwards. Weights still in GGUF blocks are refused.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    quant_config = getattr(model.config, "quantization_config", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        yield
+        return
+    packed = any("gguf" in type(m).__module__.lower() for m in model.modules())
+    if packed or not all(t.dtype.is_floating_point for t in model.state_dict().values()):
+        raise ValueError("model: its weights are still GGUF-quantized blocks; load it on the CPU (ropekit "
+                         "load_model(..., device='cpu')) so that transformers dequantizes them, then export")
+    saved = {name: model.__dict__[name] for name in ("hf_quantizer", "is_quantized") if name in model.__dict__}
+    model.hf_quantizer = None
+    if "is_quantized" in saved:
+        model.is_quantized = False
+    had_config = hasattr(model.config, "quantization_config")
+    if had_config:
+        delattr(model.config, "quantization_config")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            model.__dict__[name] = value
+        if "hf_quantizer" not in saved:
+            model.__dict__.pop("hf_quantizer", None)
+        if had_config:
+            model.config.quantization_config = quant_config
 
 
 def iter_supported_families() -> Iterator[tuple[str, str]]:
