@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -106,6 +107,9 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     assert [p.name for p in target.iterdir()] == ["keep.txt"]  # the old folder survives a failed overwrite
 
     export_model(model, cfg, target, overwrite=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of a temp folder
     assert "keep.txt" not in {p.name for p in target.iterdir()}
     assert json.loads((target / "ropekit.json").read_text())["rope"]["method"] == "yarn"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left

@@ -651,6 +651,9 @@ def export_model(
             raise FileExistsError(f"out_dir: {out} exists and is not empty (pass overwrite=True / --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
         target_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
         save_model = model
