@@ -25,10 +25,10 @@ def study_command(
     train_len: Optional[int] = typer.Option(None, "--train-len", help="Pretraining length in bytes (default 256)."),
     factor: Optional[int] = typer.Option(None, "--factor", help="Extension factor; fine-tuning length = factor x "
                                                                 "train-len (default 8)."),
-    pretrain_steps: Optional[int] = typer.Option(None, "--pretrain-steps", help="Default 800; quick 150."),
+    pretrain_steps: Optional[int] = typer.Option(None, "--pretrain-steps", help="Default 500; quick 150."),
     pretrain_batch: Optional[int] = typer.Option(None, "--pretrain-batch", help="Rows per pretraining step."),
     pretrain_lr: Optional[float] = typer.Option(None, "--pretrain-lr"),
-    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Per method (default 40)."),
+    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Per method (default 30; quick 6)."),
     finetune_batch: Optional[int] = typer.Option(None, "--finetune-batch", help="Long rows per fine-tuning step."),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr"),
     eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Held-out files per length."),

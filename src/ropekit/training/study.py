@@ -56,10 +56,10 @@ class StudySizes:
     rope_base: float = 10000.0
     train_len: int = 256
     factor: int = 8
-    pretrain_steps: int = 800
+    pretrain_steps: int = 500
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
-    finetune_steps: int = 40
+    finetune_steps: int = 30
     finetune_batch: int = 2
     finetune_lr: float = 3e-4
     finetune_warmup: int = 5
@@ -252,8 +252,7 @@ def evaluate_methods(model, configs: dict[str, RopeConfig], sizes: StudySizes, w
     bar = tqdm(total=len(configs) * len(lengths), desc=f"evaluate ({stage})", disable=not progress,
                dynamic_ncols=True)
     for method, cfg in configs.items():
-        # progress=False: evaluation's per-layer bar hooks return tqdm.update's value, which replaces layer
-        # outputs in transformers 5 (reported); this bar ticks per (method, length) instead.
+        # One bar for the whole evaluation (ticks per method and length) instead of one per window.
         results = evaluate_perplexity(model, [MethodRun(f"{METHOD_LABELS[method]} ({stage})", cfg)], lengths,
                                       windows, bucket_size=bucket, progress=False)
         passkey = {}
