@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Modules under ropekit.commands; each defines register(app).
-COMMAND_MODULES: list[str] = ["evaluate", "compare", "inspect", "export", "bench"]
+COMMAND_MODULES: list[str] = ["evaluate", "compare", "inspect", "export", "bench", "finetune", "study"]
 
 
 def build_app() -> typer.Typer:
