@@ -355,3 +355,31 @@ def test_cli_finetune_bad_input(tiny_model_folder, data_folder, tmp_path):
     missing = _cli(base + ["--seq-len", "64", "--data", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "does not exist" in missing.output
     assert "Traceback" not in short.output + no_data.output + missing.output
+
+
+def test_cli_finetune_under_torchrun_matches_single_process(tiny_model_folder, data_folder, tmp_path):
+    """`torchrun --nproc_per_node 2 -m ropekit.cli finetune ...` (gloo) trains the same steps as one process
+    that accumulates the same global batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    common = ["finetune", str(tiny_model_folder), "--method", "linear", "--factor", "4", "--seq-len", "128",
+              "--data", str(data_folder), "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--device", "cpu",
+              "--no-eval", "--no-export", "--no-progress", "--batch-size", "1"]
+    single = _cli(common + ["--grad-accum", "2", "--out", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "ropekit.cli", *common,
+                           "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    one = json.loads((tmp_path / "single" / "training.json").read_text())
+    two = json.loads((tmp_path / "ddp" / "training.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
+    assert [h["tokens"] for h in two["history"]] == [h["tokens"] for h in one["history"]]

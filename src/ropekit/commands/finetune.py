@@ -33,7 +33,7 @@ def finetune_command(
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
     strategy: str = typer.Option("ddp", "--strategy", help="Under torchrun: ddp or fsdp."),
     seed: int = typer.Option(0, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto: cuda when available; under torchrun one GPU per local rank)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval",
                                   help="At the end: perplexity at the trained length and at --seq-len."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the evaluation "
@@ -85,7 +85,7 @@ def _is_main() -> bool:
 _OPTION_NAMES = {"seq_len:": "--seq-len:", "steps:": "--steps:", "lr:": "--lr:", "warmup:": "--warmup:",
                  "grad_accum:": "--grad-accum:", "batch_size:": "--batch-size:", "lora_rank:": "--lora-rank:",
                  "checkpoint_every:": "--checkpoint-every:", "strategy:": "--strategy:", "data:": "--data:",
-                 "resume:": "--resume:", "out:": "--out:", "weight_decay:": "--weight-decay:"}
+                 "resume:": "--resume:", "out:": "--out:", "weight_decay:": "--weight-decay:", "device:": "--device:"}
 
 
 def _cli_message(message: str) -> str:

@@ -61,10 +61,14 @@ def launched_by_torchrun() -> bool:
 def init_distributed(device: str | None = None) -> DistContext:
     """Join the process group torchrun describes (no-op for a single process).
 
-    ``device``: "cpu", "cuda" or None (cuda if available). CUDA uses nccl and one GPU per local rank,
+    ``device``: "cpu", "cuda", "cuda:N", or None / "auto" (cuda if available). CUDA uses nccl and one GPU per local rank,
     CPU uses gloo.
     """
-    want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if device == "auto":
+        device = None
+    if device is not None and device != "cpu" and not str(device).startswith("cuda"):
+        raise ValueError(f"device: {device!r} not accepted; accepted: auto, cpu, cuda, cuda:N")
+    want_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
