@@ -90,6 +90,9 @@ def test_recommendation_follows_the_numbers():
     rank_outcomes(outcomes)
     text = recommend(outcomes, 8192, 16384, "default")
     assert "still degrades" in text and "costs short-context quality: +16.9%" in text
+    outcomes = [outcome("default", 7.7, 7.00, 7.0), outcome("yarn", 7.7, 6.98, 7.0), outcome("ntk", 7.7, 6.99, 7.0)]
+    rank_outcomes(outcomes)
+    assert recommend(outcomes, 8192, 16384, "default").startswith("No method clearly beats the unscaled model")
 
 
 def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):
@@ -120,6 +123,7 @@ def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):
     by = {o.label: o for o in rep.outcomes}
     assert "same rotation as yarn at 512 tokens: measured once" in by["dynamic_yarn"].notes
     assert by["dynamic_yarn"].ppl_target == by["yarn"].ppl_target
+    assert any("passkey measured once" in n for n in by["dynamic_yarn"].notes)
     # static methods' short-context ppl is the prefix of the long window; dynamic NTK is plain RoPE up to L
     assert math.isclose(by["dynamic"].ppl_trained, by["default"].ppl_trained)
     assert not math.isclose(by["linear"].ppl_trained, by["default"].ppl_trained)

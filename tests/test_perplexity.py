@@ -15,6 +15,7 @@ from ropekit.evaluation.perplexity import (
     evaluate_perplexity,
     summarize_nll,
     token_nll,
+    window_nll,
 )
 
 
@@ -84,8 +85,23 @@ def test_evaluate_perplexity_applies_each_rope(tiny_model):
     record = results[3].to_dict()
     assert {"method", "factor", "length", "ppl", "bucket_size", "bucket_ppl"} <= set(record)
     assert record["method"] == "yarn" and record["factor"] == 3.0 and len(record["bucket_ppl"]) == 6
-    # the first 64 tokens of the 192-token window are the 64-token window (causal, length-independent rope)
-    assert math.isclose(results[0].bucket_ppl[0], results[1].bucket_ppl[0], rel_tol=1e-5)
+    # length-independent rotations read the 64-token result off the 192-token window: same as running it
+    direct = window_nll(model, by_length[64], base)
+    assert math.isclose(results[0].ppl, math.exp(float(direct.double().mean())), rel_tol=1e-5)
+    assert math.isclose(results[0].bucket_ppl[1], results[1].bucket_ppl[1], rel_tol=1e-5)
+
+
+def test_length_dependent_runs_measure_each_length(tiny_model):
+    model = tiny_model("llama")
+    base = RopeConfig.from_hf(model.config)
+    gen = torch.Generator().manual_seed(3)
+    window = TokenWindow("doc", torch.randint(0, 256, (192,), generator=gen))
+    by_length = {n: [TokenWindow("doc", window.input_ids[:n])] for n in (64, 192)}
+    runs = [MethodRun("default", base), MethodRun("dynamic", base.with_method("dynamic", factor=3.0))]
+    plain64, plain192, dyn64, dyn192 = evaluate_perplexity(model, runs, [64, 192], by_length, bucket_size=32,
+                                                           progress=False)
+    assert math.isclose(dyn64.ppl, plain64.ppl, rel_tol=1e-5)  # dynamic NTK is plain RoPE up to the trained length
+    assert not math.isclose(dyn192.bucket_ppl[0], plain192.bucket_ppl[0], rel_tol=1e-4)  # rescaled at 192
 
 
 def test_late_ppl(tiny_model):

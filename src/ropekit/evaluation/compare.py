@@ -14,6 +14,7 @@ and the same passkey prompts. Work is shared where the maths makes it exact:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import time
@@ -41,7 +42,8 @@ from ropekit.methods.base_change import suggested_base
 
 COMPARE_METHODS = ("default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3", "longrope", "base")
 HEALTHY_RATIO = 1.3  # late buckets within this factor of the trained-length perplexity = "does not break"
-SHORT_REGRESSION = 0.05  # > 5% worse than the baseline at the trained length = "hurts short context"
+SHORT_REGRESSION = 0.05
+TIE = 0.01  # perplexities within 1% are not told apart by one or two windows  # > 5% worse than the baseline at the trained length = "hurts short context"
 
 
 @dataclass
@@ -65,7 +67,7 @@ class CompareOptions:
     windows: int = 1
     bucket_size: int = DEFAULT_BUCKET_SIZE
     passkey_length: int | None = None
-    passkey_depths: tuple[float, ...] = (0.5,)
+    passkey_depths: tuple[float, ...] = (0.1,)
     passkey_trials: int = 1
     methods: Sequence[str] | None = None
     seed: int = 0
@@ -259,13 +261,30 @@ def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Pa
             notes[plan.label].append(f"trained-length perplexity from a separate {trained}-token window")
         ppl_trained[plan.label] = math.exp(float(nll.double().mean()))
 
-    # --- passkey
+    # --- passkey (prompts are exactly passkey_length tokens: methods with the same rotation there share a run)
     passkey_length = options.passkey_length or target
     passkey: list[RetrievalResult] = []
     if options.passkey_trials > 0 and options.passkey_depths:
-        passkey = evaluate_passkey(model, tokenizer, [MethodRun(p.label, p.rope) for p in runnable],
-                                   [passkey_length], options.passkey_depths, options.passkey_trials,
-                                   seed=options.seed, progress=options.progress)
+        unique: dict[tuple, MethodPlan] = {}
+        twin_of: dict[str, str] = {}
+        for plan in runnable:
+            key = rotation_key(plan.rope, passkey_length)
+            if key in unique:
+                twin_of[plan.label] = unique[key].label
+                notes[plan.label].append(f"same rotation as {unique[key].label} for the {passkey_length}-token "
+                                         f"passkey prompts: passkey measured once")
+            else:
+                unique[key] = plan
+        measured_pk = {r.label: r for r in evaluate_passkey(
+            model, tokenizer, [MethodRun(p.label, p.rope) for p in unique.values()], [passkey_length],
+            options.passkey_depths, options.passkey_trials, seed=options.seed, progress=options.progress)}
+        for plan in runnable:
+            if plan.label in measured_pk:
+                passkey.append(measured_pk[plan.label])
+            else:
+                twin = measured_pk[twin_of[plan.label]]
+                passkey.append(dataclasses.replace(twin, method=plan.method, factor=plan.rope.factor,
+                                                   rope=plan.rope.to_dict(), label=plan.label))
     passkey_by_label = {r.label: r for r in passkey}
 
     # --- summaries and ranking
@@ -330,6 +349,12 @@ def recommend(outcomes: Sequence[MethodOutcome], trained: int, target: int, base
         return " ".join(sentences)
 
     healthy = best.late_ratio <= HEALTHY_RATIO
+    if best.ppl_target > base.ppl_target * (1 - TIE):
+        sentences.append(
+            f"No method clearly beats the unscaled model at {target} tokens: the best, {best.label}, is within "
+            f"{TIE:.0%} of it ({report.fmt(best.ppl_target)} vs {report.fmt(base.ppl_target)}); this text does not "
+            f"separate them, so keep the model's own RoPE or measure on longer or more windows.")
+        return " ".join(sentences)
     sentences.append(
         f"Use {best.label} (factor {best.factor:g}) to run this model at {target} tokens: it has the lowest "
         f"perplexity at that length, {report.fmt(best.ppl_target)} against {report.fmt(base.ppl_target)} "
@@ -360,8 +385,9 @@ def recommend(outcomes: Sequence[MethodOutcome], trained: int, target: int, base
     others = [o for o in outcomes[1:] if o.label != baseline_label]
     if others:
         second = others[0]
+        tie = " - a tie on this text" if second.ppl_target < best.ppl_target * (1 + TIE) else ""
         sentences.append(f"Runner-up: {second.label} at {report.fmt(second.ppl_target)} "
-                         f"({_pct(second.ppl_target, best.ppl_target)} vs {best.label}).")
+                         f"({_pct(second.ppl_target, best.ppl_target)} vs {best.label}{tie}).")
     hurt = [o for o in outcomes if o.label not in (baseline_label, best.label)
             and o.ppl_trained / base.ppl_trained - 1 > SHORT_REGRESSION]
     if hurt:
@@ -392,7 +418,8 @@ def summary_markdown(rep: CompareReport) -> str:
         f"Trained length {t} tokens, target {n} tokens (factor {rep.factor:g}). Perplexity on "
         f"{s['window_count']} real-text window(s) of {n} tokens ({', '.join(s['windows'])}); passkey: "
         f"{s['passkey_trials']} prompt(s) of {s['passkey_length']} tokens per depth {s['passkey_depths']}. "
-        f"Wall time {rep.wall_time_s:.0f} s on {s['device']} ({s['dtype']}, {s['torch_threads']} threads).",
+        f"Wall time {rep.wall_time_s:.0f} s (model loading not included) on {s['device']} ({s['dtype']}, "
+        f"{s['torch_threads']} threads).",
         "",
         "## Ranking",
         "",

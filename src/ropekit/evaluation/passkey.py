@@ -1,6 +1,6 @@
 """Passkey retrieval (Mohtashami & Jaggi, arXiv 2305.16300) and the machinery needle-in-a-haystack shares.
 
-A prompt of ``length`` tokens: an instruction, filler sentences, the key sentence at ``depth`` (0 = right
+A prompt of exactly ``length`` tokens: an instruction, filler sentences, the key sentence at ``depth`` (0 = right
 after the instruction, 1 = just before the question), more filler, then the question. The model answers
 greedily; a trial is correct when the first number in its answer is the key.
 """
@@ -73,19 +73,20 @@ def check_depth(depth: float) -> float:
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> RetrievalPrompt:
-    """A passkey prompt of at most ``length`` tokens (filler repeats are whole sentences, so the prompt is up
-    to one filler unit shorter) with the key sentence after ``round(depth * units)`` filler units."""
+    """A passkey prompt of exactly ``length`` tokens: whole filler sentences, the key sentence after
+    ``round(depth * units)`` of them, the rest of the filler (its last sentence cut to fit), the question."""
     depth = check_depth(depth)
     head = _prefix_ids(tokenizer) + _ids(tokenizer, INSTRUCTION)
     unit = _ids(tokenizer, FILLER)
     needle = _ids(tokenizer, KEY_SENTENCE.format(key=key))
     question = _ids(tokenizer, QUESTION)
-    units = (length - len(head) - len(needle) - len(question)) // len(unit)
+    room = length - len(head) - len(needle) - len(question)
+    units, spare = divmod(room, len(unit))
     if units < 1:
         need = len(head) + len(needle) + len(question) + len(unit)
         raise ValueError(f"length: a passkey prompt needs at least {need} tokens, got {length}")
     before = round(depth * units)
-    ids = head + unit * before + needle + unit * (units - before) + question
+    ids = head + unit * before + needle + unit * (units - before) + unit[:spare] + question
     start = len(head) + len(unit) * before
     return RetrievalPrompt(torch.tensor(ids, dtype=torch.long), key, depth, start, start + len(needle),
                            len(head), len(ids) - len(question))

@@ -177,6 +177,12 @@ def window_nll(model, windows: Sequence, rope: RopeConfig | None, *, chunk_size:
     return torch.stack(rows)
 
 
+def _is_prefix(short: Sequence, long: Sequence) -> bool:
+    """Each short window is the start of the long window of the same document."""
+    return len(short) == len(long) and all(
+        a.name == b.name and torch.equal(a.input_ids, b.input_ids[: a.input_ids.numel()]) for a, b in zip(short, long))
+
+
 def evaluate_perplexity(model, runs: Iterable[MethodRun], lengths: Sequence[int], windows_by_length: dict,
                         *, bucket_size: int = DEFAULT_BUCKET_SIZE, chunk_size: int = DEFAULT_CHUNK_SIZE,
                         progress: bool = True) -> list[PerplexityResult]:
@@ -188,24 +194,42 @@ def evaluate_perplexity(model, runs: Iterable[MethodRun], lengths: Sequence[int]
         lengths: window lengths in tokens.
         windows_by_length: ``{length: [TokenWindow, ...]}`` (see ``data.token_windows``).
     Returns:
-        One ``PerplexityResult`` per (run, length), runs outer, lengths inner.
+        One ``PerplexityResult`` per (run, length), runs outer, lengths inner (ascending).
+
+    For runs whose rotation does not depend on the sequence length, the shorter windows are read off the
+    longest one when they are its prefixes (identical by causality, up to float rounding): one forward pass
+    per document instead of one per length.
     """
     runs = list(runs)
+    lengths = sorted(lengths)
+    longest = lengths[-1]
     total = sum(len(windows_by_length[n]) for n in lengths) * len(runs)
     bar = tqdm(total=total, desc="perplexity", unit="window", disable=not progress)
     results = []
     try:
         for run in runs:
-            for length in lengths:
-                windows = windows_by_length[length]
-                bar.set_postfix_str(f"{run.label} @ {length}")
-                rows = []
-                with _rope_context(model, run.rope):
+            # A rotation that does not depend on the length gives the first n tokens of a long window exactly
+            # what an n-token window gives (causal attention): measure the longest window only and slice it.
+            shared = not run.rope.length_dependent and all(_is_prefix(windows_by_length[n], windows_by_length[longest])
+                                                             for n in lengths)
+            nll_by_length: dict[int, torch.Tensor] = {}
+            with _rope_context(model, run.rope):
+                for length in (lengths[::-1] if shared else lengths):
+                    windows = windows_by_length[length]
+                    bar.set_postfix_str(f"{run.label} @ {length}")
+                    if shared and length != longest:
+                        nll_by_length[length] = nll_by_length[longest][:, : length - 1]
+                        bar.update(len(windows))
+                        continue
+                    rows = []
                     for w in windows:
                         rows.append(token_nll(model, w.input_ids[None], chunk_size=chunk_size,
                                               progress=f"{run.label} @ {length}" if progress else None)[0])
                         bar.update(1)
-                ppl, bucket_ppl, counts = summarize_nll(torch.stack(rows), bucket_size)
+                    nll_by_length[length] = torch.stack(rows)
+            for length in lengths:
+                windows = windows_by_length[length]
+                ppl, bucket_ppl, counts = summarize_nll(nll_by_length[length], bucket_size)
                 results.append(PerplexityResult(
                     method=run.rope.method, factor=run.rope.factor, length=length, ppl=ppl, bucket_size=bucket_size,
                     bucket_ppl=bucket_ppl, bucket_tokens=counts, windows=[w.name for w in windows],

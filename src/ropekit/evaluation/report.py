@@ -177,7 +177,8 @@ def plot_retrieval_grid(results: Sequence, path: str | Path, *, title: str = "re
     plt = _pyplot()
     n = len(results)
     first = results[0]
-    fig, axes = plt.subplots(1, n, figsize=(1.0 + 0.8 * len(first.depths) * n, 1.6 + 0.5 * len(first.lengths)),
+    panel = max(1.5, 0.8 * len(first.depths))
+    fig, axes = plt.subplots(1, n, figsize=(1.5 + panel * n, 2.0 + 0.5 * len(first.lengths)),
                              squeeze=False, sharey=True)
     for ax, r in zip(axes[0], results):
         image = ax.imshow(r.accuracy, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -186,10 +187,10 @@ def plot_retrieval_grid(results: Sequence, path: str | Path, *, title: str = "re
         for i, row in enumerate(r.accuracy):
             for j, acc in enumerate(row):
                 ax.text(j, i, f"{acc:.0%}", ha="center", va="center", fontsize=7)
-        ax.set_title(r.label or r.method, fontsize=9)
+        ax.set_title(r.label or r.method, fontsize=8)
         ax.set_xlabel("depth", fontsize=8)
     axes[0][0].set_ylabel("length")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
     return _save(fig, plt, path)
 
