@@ -166,10 +166,16 @@ def _looks_like_path(source: str) -> bool:
 def read_model_config(source: str | Path, gguf_file: str | None = None) -> dict[str, Any]:
     """The config dict of a model without loading weights (folder, config.json, .gguf or hub id)."""
     path = Path(str(source)).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        return json.loads(path.read_text())
     if path.is_dir() and (path / "config.json").is_file() and gguf_file is None:
-        return json.loads((path / "config.json").read_text())
+        path = path / "config.json"
+    if path.is_file() and path.suffix == ".json":
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: expected a JSON object (a model's config.json)")
+        return config
     from transformers import AutoConfig
 
     folder, name = _split_gguf(path, gguf_file) if (path.suffix == ".gguf" or gguf_file) else (str(source), None)
