@@ -243,3 +243,14 @@ def test_to_hf_content():
     with pytest.warns(UserWarning, match="layout: transformers takes the channel layout from the model type"):
         RopeConfig(head_dim=64, layout="gptj").to_hf()
     assert torch.equal(ropekit.frequencies(RopeConfig.from_hf(out)).inv_freq64, ropekit.frequencies(cfg).inv_freq64)
+
+
+def test_with_method_derives_the_new_target_length():
+    trained = RopeConfig(head_dim=64, base=1e5, original_max_position=8192, max_position=8192)
+    yarn = trained.with_method("yarn", factor=2.0)
+    assert yarn.target_length == 16384
+    assert yarn.to_hf()["max_position_embeddings"] == 16384
+    assert yarn.with_method("default").target_length == 8192
+    assert trained.with_method("yarn", factor=2.0, max_position=20000).target_length == 20000
+    only_max = RopeConfig(head_dim=64, max_position=4096)
+    assert only_max.with_method("linear", factor=4.0).target_length == 16384

@@ -239,6 +239,11 @@ class RopeConfig:
             keep = {"original_max_position", "max_position"}
             cleared = {n: None for n in METHOD_FIELDS if n not in keep and n not in changes}
             changes = {**cleared, **changes}
+            if "max_position" not in changes:
+                # The old target belonged to the old method: derive the new one from factor * trained length.
+                changes["max_position"] = None
+                if self.original_max_position is None and self.max_position is not None:
+                    changes.setdefault("original_max_position", self.max_position)
         return dataclasses.replace(self, **changes)
 
     def with_method(self, method: str, **params: Any) -> "RopeConfig":
