@@ -70,6 +70,8 @@ def finetune_command(
     if evaluation:
         ppl = ", ".join(f"{n}: {v:.3f}" for n, v in evaluation["lengths"].items())
         typer.echo(f"perplexity after fine-tuning (length: ppl): {ppl}")
+    if "evaluation_error" in summary:
+        typer.echo(f"evaluation not done: {summary['evaluation_error']}", err=True)
     if "exported" in summary:
         typer.echo(f"exported: {summary['exported']}")
     typer.echo(f"log: {Path(out) / 'training.json'}")

@@ -370,8 +370,10 @@ def train(
     torch.manual_seed(settings.seed)
     if settings.gradient_checkpointing:
         set_gradient_checkpointing(model, True)
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = False
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if config is not None:
+        config.use_cache = False  # a KV cache is useless in training and hides packed rows from transformers
     model.train()
     wrapped = wrap_model(model, ctx, settings.strategy)
     params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -444,6 +446,8 @@ def train(
         bar.close()
     if settings.gradient_checkpointing:
         set_gradient_checkpointing(model, False)
+    if config is not None and use_cache is not None:
+        config.use_cache = use_cache  # exported configs keep generation's default
     model.eval()
     result.final_step = step
     return result
@@ -561,13 +565,16 @@ def finetune(
                                "history": result.history, "resumed_from_step": result.start_step}
     model = merge_lora(model)
     patch.remove()  # evaluation applies the RoPE itself; export needs the plain model
-    if ctx.is_main and evaluate:
-        summary["evaluation"] = evaluate_after_training(model, loaded.tokenizer, cfg, eval_data or data,
-                                                        [trained, settings.seq_len], eval_windows, progress)
-    if ctx.is_main and export:
+    if ctx.is_main and export:  # before evaluation, so a failing evaluation cannot lose the trained weights
         export_dir = out_dir / "model"
-        export_model(model, cfg, export_dir, tokenizer=loaded.tokenizer)
+        export_model(model, cfg, export_dir, tokenizer=loaded.tokenizer, overwrite=True)
         summary["exported"] = str(export_dir)
+    if ctx.is_main and evaluate:
+        try:
+            summary["evaluation"] = evaluate_after_training(model, loaded.tokenizer, cfg, eval_data or data,
+                                                            [trained, settings.seq_len], eval_windows, progress)
+        except ValueError as exc:  # e.g. no evaluation document long enough: say so, keep the run's outputs
+            summary["evaluation_error"] = str(exc)
     if ctx.is_main:
         (out_dir / "training.json").write_text(json.dumps(summary, indent=2, default=str))
         plot_training_curves({f"{cfg.method}": result.history}, out_dir / "training_curve.png")
