@@ -76,8 +76,9 @@ def test_matches_reference_per_row_positions_near_4m(poisoned_outputs, hd, rd, l
     assert torch.equal(big_q[1::2], untouched)
 
 
-def test_offsets_none_3d_q_only_k_only_and_inverse(poisoned_outputs):
-    f = ropekit.frequencies(RopeConfig(head_dim=16))
+@pytest.mark.parametrize("rotary_dim", [16, 10])
+def test_offsets_none_3d_q_only_k_only_and_inverse(poisoned_outputs, rotary_dim):
+    f = ropekit.frequencies(RopeConfig(head_dim=16, rotary_dim=rotary_dim))
     q = torch.randn(3, 6, 16)  # unbatched (heads, seq, dim)
     k = torch.randn(1, 6, 16)
     for positions in (None, 1234567):

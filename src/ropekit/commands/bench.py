@@ -33,6 +33,8 @@ def bench_command(
     dtypes: Annotated[str, typer.Option("--dtypes", help="comma-separated: float32, bfloat16")] = "float32,bfloat16",
     repeats: Annotated[Optional[int], typer.Option("--repeats", help="timed calls per row (default 15, quick 3)")] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="untimed calls first (default 3, quick 1)")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: torch's); 1 "
+                                                   "avoids thread-barrier stalls on a busy machine")] = None,
     shapes: Annotated[Optional[str], typer.Option("--shapes", help="comma-separated subset: prefill-gqa, batch-mha, "
                                                   "decode-128k (tiny-prefill, tiny-decode)")] = None,
 ) -> None:
@@ -48,6 +50,11 @@ def bench_command(
         typer.echo("error: --device cuda: no CUDA device is available", err=True)
         raise typer.Exit(1)
     names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    if threads is not None:
+        if threads < 1:
+            typer.echo(f"error: --threads: must be >= 1, got {threads}", err=True)
+            raise typer.Exit(1)
+        torch.set_num_threads(threads)
     for value, name in ((repeats, "--repeats"), (warmup, "--warmup")):
         if value is not None and value < 1:
             typer.echo(f"error: {name}: must be >= 1, got {value}", err=True)

@@ -40,7 +40,7 @@ def rope(
     k_out = torch.empty_like(k)
     with _device_guard(q):
         triton_rope.launch(q, k, q_out, k_out, positions, turns, turns_unscaled, unscaled_until, scale,
-                           conjugate, interleaved, heads_first, rotary_dim)
+                           conjugate, interleaved, heads_first, rotary_dim, copy_pass=True)
     return q_out, k_out
 
 
@@ -90,7 +90,7 @@ def rope_(
 ) -> None:
     with _device_guard(q):
         triton_rope.launch(q, k, q, k, positions, turns, turns_unscaled, unscaled_until, scale,
-                           conjugate, interleaved, heads_first, rotary_dim)
+                           conjugate, interleaved, heads_first, rotary_dim, copy_pass=False)
 
 
 @rope_.register_fake

@@ -163,11 +163,12 @@ def launch(
     interleaved: bool,
     heads_first: bool,
     rotary_dim: int,
+    copy_pass: bool,
 ) -> None:
-    """Run the kernel. q, k, q_out, k_out: 4-D in the same layout (k may have 0 heads); positions (1|B, S).
+    """Run the kernel. q, k, q_out, k_out: 4-D in the same layout (either may have 0 heads); positions (1|B, S).
 
-    Writes q_out / k_out (which may be q / k themselves: in place). Pass-through channels are copied
-    only when the outputs are separate tensors.
+    Writes q_out / k_out (which may be q / k themselves: in place). ``copy_pass``: also copy the channels
+    beyond rotary_dim (out of place); in place they are left as they are.
     """
     if not HAVE_TRITON:
         raise RuntimeError("backend 'triton': triton is not installed (pip install triton)")
@@ -178,8 +179,7 @@ def launch(
     hk = k.shape[1] if heads_first else k.shape[2]
     half = rotary_dim // 2
     block_half = triton.next_power_of_2(max(half, 1))
-    in_place = q_out.data_ptr() == q.data_ptr() and (k.numel() == 0 or k_out.data_ptr() == k.data_ptr())
-    n_pass = 0 if in_place else hd - rotary_dim
+    n_pass = hd - rotary_dim if copy_pass else 0
     pass_block = triton.next_power_of_2(n_pass) if n_pass else 1
     budget = max(1, 2048 // block_half)
     block_hq = min(triton.next_power_of_2(max(hq, 1)), budget)
