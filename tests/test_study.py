@@ -18,6 +18,9 @@ from ropekit.training.study import (
     QUICK,
     StudySizes,
     keys_correct,
+    load_results,
+    loss_spans,
+    span_means,
     observations,
     passkey_prompt,
     passkey_rows,
@@ -89,7 +92,7 @@ def _fake_results(explodes: bool) -> dict:
                 "bucket_ppl": [1.0], "rope": {}}
     before = {"default": entry([4.0, 40.0 if explodes else 4.1, 90.0 if explodes else 4.2]),
               "linear": entry([5.0, 5.0, 5.1]), "yarn": entry([4.1, 4.3, 4.6])}
-    after = {"default": entry([4.2, 6.0, 9.0]), "linear": entry([4.3, 4.2, 4.2]), "yarn": entry([4.1, 4.1, 4.1], 0.5)}
+    after = {"default": entry([4.2, 6.0, 9.0]), "linear": entry([4.1, 4.2, 4.2]), "yarn": entry([4.1, 4.1, 4.1], 0.5)}
     hist = {m: [{"step": 1, "loss": 2.0 if m == "linear" else 1.5}, {"step": 2, "loss": 1.4}] for m in before}
     return {"sizes": dataclasses.asdict(dataclasses.replace(TINY, factor=4, finetune_steps=2)), "parameters": 1e5,
             "methods": ["default", "linear", "yarn"], "eval_lengths": lengths, "before": before, "after": after,
@@ -101,11 +104,15 @@ def test_observations_follow_the_numbers():
     text = "\n".join(observations(_fake_results(explodes=True)))
     assert "90.000 at 4x" in text and "explodes past the trained length; seen here" in text
     assert "short contexts degrade; seen" in text
-    assert "recovers after fine-tuning; seen" in text
+    assert "recovers after a few hundred steps; seen" in text
     assert "YaRN needs fewer steps for the same result; consistent here" in text
+    partly = _fake_results(explodes=True)
+    partly["after"]["linear"]["ppl"][128] = 4.5
+    assert "partly seen: 50% of the short-context gap" in "\n".join(observations(partly))
     flat = "\n".join(observations(_fake_results(explodes=False)))
     assert "explodes past the trained length; NOT seen here" in flat
     md = summary_markdown(_fake_results(explodes=True))
+    assert "| linear (PI) | 2.000 | 1.400 |" in md  # per-span means of the fine-tuning loss
     assert "| no scaling | 4.000 | 40.000 | 90.000 |" in md
     assert "| YaRN | 100% | 100% | 100% |" not in md and "| YaRN | 50% | 50% | 50% |" in md
 
@@ -129,6 +136,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert saved["after"]["yarn"]["ppl"]["512"] != saved["before"]["yarn"]["ppl"]["512"]
     # The same config gives the same evaluation before fine-tuning (no scaling = the pretrained model).
     md = (out / "summary.md").read_text()
+    assert summary_markdown(load_results(out / "results.json")) == md  # the report is rebuilt from the JSON
     first = results["before"]["default"]["ppl"][128]
     assert f"| no scaling | {first:.3f} |" in md
     assert "Perplexity after fine-tuning" in md and "Passkey accuracy before fine-tuning" in md
@@ -148,3 +156,10 @@ def test_study_command_rejects_bad_sizes(tmp_path):
     assert "--factor: must be >= 2" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["study", "--quick", "--out", str(tmp_path), "--methods", "longrope"])
     assert result.exit_code != 0 and "--methods: 'longrope' not accepted" in result.output
+
+
+def test_loss_spans_cover_every_step():
+    assert loss_spans(30) == [(1, 8), (9, 16), (17, 24), (25, 30)]
+    assert loss_spans(2) == [(1, 1), (2, 2)]
+    history = [{"step": i, "loss": float(i)} for i in range(1, 7)]
+    assert span_means(history, loss_spans(6)) == [1.5, 3.5, 5.5]
