@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ropekit.methods import method_names
+
 
 def register(app: typer.Typer) -> None:
     app.command("finetune")(finetune_command)
@@ -14,7 +16,8 @@ def register(app: typer.Typer) -> None:
 
 def finetune_command(
     model: str = typer.Argument(..., help="Hub id, model folder, .gguf file, or 'demo' (SmolLM2-135M)."),
-    method: str = typer.Option(..., "--method", "-m", help="Scaling method (see `ropekit methods`), e.g. yarn."),
+    method: str = typer.Option(..., "--method", "-m", help=f"Scaling method: {', '.join(method_names())} "
+                                                           "(default = no scaling)."),
     factor: Optional[float] = typer.Option(None, "--factor", "-f", help="Scale s = target / trained length."),
     seq_len: int = typer.Option(..., "--seq-len", help="Training length in tokens (>= the trained length)."),
     data: Path = typer.Option(..., "--data", help="Text file, .jsonl ({\"text\": ...} per line) or folder."),
