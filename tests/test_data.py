@@ -100,6 +100,18 @@ def test_text_shorter_than_length_names_the_length_needed(tokenizer, tmp_path):
         token_windows(load_documents(path), tokenizer, 4096)
 
 
+def test_prefix_windows():
+    import torch
+
+    from ropekit.evaluation.data import TokenWindow, prefix_windows
+
+    windows = [TokenWindow("a", torch.arange(10)), TokenWindow("b", torch.arange(10, 20))]
+    by = prefix_windows(windows, [4, 10])
+    assert by[4][1].input_ids.tolist() == [10, 11, 12, 13] and by[10][0].input_ids.numel() == 10
+    with pytest.raises(ValueError, match="11 is longer than window a"):
+        prefix_windows(windows, [11])
+
+
 def test_concatenated_haystack(tokenizer):
     from ropekit.evaluation.data import Document
 

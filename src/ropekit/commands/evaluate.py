@@ -148,7 +148,7 @@ def ppl_command(
 ) -> None:
     """Perplexity of the first N tokens of each document, per length and per position bucket."""
     from ropekit.evaluation import report
-    from ropekit.evaluation.data import load_documents, token_windows
+    from ropekit.evaluation.data import load_documents, prefix_windows, token_windows
     from ropekit.evaluation.perplexity import evaluate_perplexity
 
     options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,
@@ -168,7 +168,7 @@ def ppl_command(
             raise ValueError("--lengths: required (the model's trained length is unknown)")
         longest = max(length_list)
         docs = token_windows(load_documents(data), loaded.tokenizer, longest, windows or None)
-        by_length = {n: [type(w)(w.name, w.input_ids[:n]) for w in docs] for n in length_list}
+        by_length = prefix_windows(docs, length_list)
         results = evaluate_perplexity(loaded.model, runs, length_list, by_length, bucket_size=bucket_size,
                                       chunk_size=chunk_size)
     except (ValueError, FileNotFoundError) as exc:

@@ -7,8 +7,8 @@
 * ``report``: JSON / CSV / PNG / Markdown writers (atomic).
 """
 
-from ropekit.evaluation.data import Document, TokenWindow, load_documents, token_windows
+from ropekit.evaluation.data import Document, TokenWindow, load_documents, prefix_windows, token_windows
 from ropekit.evaluation.perplexity import MethodRun, PerplexityResult, evaluate_perplexity, token_nll
 
 __all__ = ["Document", "MethodRun", "PerplexityResult", "TokenWindow", "evaluate_perplexity", "load_documents",
-           "token_nll", "token_windows"]
+           "prefix_windows", "token_nll", "token_windows"]

@@ -148,6 +148,18 @@ def token_windows(documents: Iterable[Document], tokenizer, length: int, count: 
     return windows
 
 
+def prefix_windows(windows: Iterable[TokenWindow], lengths: Iterable[int]) -> dict[int, list[TokenWindow]]:
+    """``{n: [the first n tokens of each window]}`` for every length n (each at most the windows' length)."""
+    windows = list(windows)
+    out = {}
+    for n in lengths:
+        short = [w for w in windows if w.input_ids.numel() < n]
+        if short:
+            raise ValueError(f"lengths: {n} is longer than window {short[0].name} ({short[0].input_ids.numel()} tokens)")
+        out[n] = [TokenWindow(w.name, w.input_ids[:n]) for w in windows]
+    return out
+
+
 def concatenated_tokens(documents: Iterable[Document], tokenizer, length: int, separator: str = "\n\n") -> torch.Tensor:
     """(length,) token ids of the documents joined by ``separator``, cut at ``length`` (a needle haystack).
 
