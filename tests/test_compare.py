@@ -93,6 +93,14 @@ def test_recommendation_follows_the_numbers():
     outcomes = [outcome("default", 7.7, 7.00, 7.0), outcome("yarn", 7.7, 6.98, 7.0), outcome("ntk", 7.7, 6.99, 7.0)]
     rank_outcomes(outcomes)
     assert recommend(outcomes, 8192, 16384, "default").startswith("No method clearly beats the unscaled model")
+    # a perplexity tie is decided by the passkey
+    outcomes = [outcome("default", 6.67, 6.41, 5.48, 0.0), outcome("yarn", 6.70, 6.43, 5.45, 1.0),
+                outcome("ntk", 6.71, 6.44, 5.47, 0.0), outcome("llama3", 6.71, 6.43, 5.42, 1.0)]
+    rank_outcomes(outcomes)
+    assert [o.label for o in outcomes] == ["yarn", "llama3", "default", "ntk"]
+    text = recommend(outcomes, 8192, 10240, "default")
+    assert text.startswith("Use yarn (factor 2) at 10240 tokens: its perplexity ties") and "100% of the time against 0%" in text
+    assert "Equally good on these measurements: llama3." in text
 
 
 def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):

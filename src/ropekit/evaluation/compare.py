@@ -319,9 +319,11 @@ def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Pa
 
 
 def rank_outcomes(outcomes: list[MethodOutcome]) -> None:
-    """Rank in place: lowest perplexity at the target length first; ties by passkey accuracy, then the
-    trained-length perplexity. Sorts ``outcomes`` by rank."""
-    order = sorted(outcomes, key=lambda o: (round(o.ppl_target, 6), -(o.passkey_accuracy or 0.0), o.ppl_trained))
+    """Rank in place: methods within ``TIE`` (1%) of the lowest perplexity at the target length first, ordered
+    among themselves by passkey accuracy, then perplexity; the rest by perplexity. Sorts ``outcomes``."""
+    lowest = min(o.ppl_target for o in outcomes)
+    order = sorted(outcomes, key=lambda o: (o.ppl_target > lowest * (1 + TIE), -(o.passkey_accuracy or 0.0),
+                                            round(o.ppl_target, 6), o.ppl_trained))
     for i, o in enumerate(order, start=1):
         o.rank = i
     outcomes.sort(key=lambda o: o.rank)
@@ -349,6 +351,23 @@ def recommend(outcomes: Sequence[MethodOutcome], trained: int, target: int, base
         return " ".join(sentences)
 
     healthy = best.late_ratio <= HEALTHY_RATIO
+    better_passkey = (best.passkey_accuracy or 0.0) > (base.passkey_accuracy or 0.0)
+    if best.ppl_target > base.ppl_target * (1 - TIE) and better_passkey:
+        sentences.append(
+            f"Use {best.label} (factor {best.factor:g}) at {target} tokens: its perplexity ties with the unscaled "
+            f"model's (within {TIE:.0%}: {report.fmt(best.ppl_target)} vs {report.fmt(base.ppl_target)}), but it "
+            f"retrieved the passkey {best.passkey_accuracy:.0%} of the time against {base.passkey_accuracy:.0%} "
+            f"without scaling.")
+        short_change = best.ppl_trained / base.ppl_trained - 1
+        sentences.append(f"Short contexts: {_pct(best.ppl_trained, base.ppl_trained)} perplexity on the first "
+                         f"{trained} tokens.")
+        tied = [o.label for o in outcomes[1:] if o.label != baseline_label and o.passkey_accuracy ==
+                best.passkey_accuracy and o.ppl_target <= best.ppl_target * (1 + TIE)]
+        if tied:
+            sentences.append(f"Equally good on these measurements: {', '.join(tied)}.")
+        if short_change > SHORT_REGRESSION:
+            sentences.append("It costs short-context quality; consider fine-tuning.")
+        return " ".join(sentences)
     if best.ppl_target > base.ppl_target * (1 - TIE):
         sentences.append(
             f"No method clearly beats the unscaled model at {target} tokens: the best, {best.label}, is within "
@@ -426,7 +445,7 @@ def summary_markdown(rep: CompareReport) -> str:
         table,
         f"*ppl @ {t}*: the first {t} tokens (short-context check); *ppl of tokens {t}-{n}*: the late buckets "
         f"past the trained length; *late / short*: their ratio (<= {HEALTHY_RATIO} = the method holds up). "
-        "Ranked by ppl at the target length.",
+        f"Ranked by ppl at the target length; methods within {TIE:.0%} of the lowest are ordered by passkey accuracy.",
         "",
         "## Which method to use and why",
         "",
