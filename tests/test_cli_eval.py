@@ -151,3 +151,23 @@ def test_smollm2_compare_cli_with_short_lengths(tmp_path):
     assert all(math.isfinite(o["ppl_target"]) and o["passkey_accuracy"] is not None for o in ranking.values())
     assert (out / "perplexity.png").is_file() and (out / "passkey.png").is_file()
     assert "## Which method to use and why" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bfloat16"), (False, None)])
+def test_demo_compare_picks_bf16_only_on_cpus_with_native_bf16(monkeypatch, native_bf16, expected):
+    import ropekit.commands.compare as compare_cmd
+
+    seen = {}
+
+    def fake_load(source, *, device, dtype):
+        seen["dtype"] = dtype
+        compare_cmd.error_exit("stop after loading")
+
+    monkeypatch.setattr(compare_cmd, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(compare_cmd, "load_model_or_exit", fake_load)
+    result = invoke("compare")
+    assert result.exit_code != 0 and seen == {"dtype": expected}
+    # an explicit dtype is never overridden
+    seen.clear()
+    invoke("compare", "--dtype", "float32")
+    assert seen == {"dtype": "float32"}

@@ -13,13 +13,13 @@ from ropekit.commands.common import DeviceOpt, DtypeOpt, ModelArg, error_exit, l
 DEFAULT_OUT = Path("ropekit-report")
 # The no-argument run (demo model, trained at 8192) must finish in 10 minutes on 2 CPU cores: one
 # forward pass of ~10k tokens per method for perplexity and one for passkey fits; 2x (16384) does not.
-DEMO_TARGET_LENGTH = 10240
+DEMO_TARGET_LENGTH = 9728
 
 
 def compare_command(
     model: ModelArg = None,
     target_length: Annotated[Optional[int], typer.Option("--target-length", "-n", help="the context length to reach, "
-                                                         "tokens (default: twice the trained length; 10240 for "
+                                                         "tokens (default: twice the trained length; 9728 for "
                                                          "the demo model)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="report folder (replaced atomically)")] = DEFAULT_OUT,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="evaluation text: a file, a folder, a .jsonl "
@@ -43,8 +43,8 @@ def compare_command(
     """Run every applicable RoPE extension method at the target length (perplexity per position bucket and
     passkey retrieval) and write a ranked report: summary.md, results.json, CSVs and plots.
 
-    With no arguments: the bundled SmolLM2-135M (trained at 8192 tokens) extended to 10240 tokens, on the
-    Python standard library's own sources (under 10 minutes on 2 CPU cores).
+    With no arguments: the bundled SmolLM2-135M (trained at 8192 tokens) extended to 9728 tokens, on the
+    Python standard library's own sources (under 10 minutes on 2 CPU cores; bf16 where the CPU has native bf16).
     """
     from ropekit.commands.evaluate import parse_floats
     from ropekit.evaluation.compare import CompareOptions, run_compare
@@ -55,8 +55,13 @@ def compare_command(
                                  ("--bucket-size", bucket_size, 1)):
         if value < minimum:
             error_exit(f"{name}: must be >= {minimum}, got {value}")
+    demo_run = target_length is None and model in (None, "demo") and original_length is None
+    if demo_run and dtype is None and device in ("auto", "cpu") and cpu_has_native_bf16():
+        # CPUs with native bf16 matmul run the demo model 1.5x faster in bf16 (the rotation itself stays
+        # float32 inside ropekit), which keeps the no-argument run within 10 minutes on 2 cores.
+        dtype = "bfloat16"
     loaded = load_model_or_exit(model, device=device, dtype=dtype)
-    if target_length is None and model in (None, "demo") and original_length is None:
+    if demo_run:
         target_length = DEMO_TARGET_LENGTH
     try:
         if original_length is not None:
@@ -73,6 +78,18 @@ def compare_command(
         error_exit(str(exc))
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))
     typer.echo(f"report written to {out}/ in {result.wall_time_s:.0f} s")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where no GPU is present and the CPU multiplies bf16 natively (oneDNN AVX512-BF16 / AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def register(app: typer.Typer) -> None:
