@@ -18,6 +18,7 @@ from ropekit.training.distributed import (
     gather_sequence,
     shard_indices,
     shard_sequence,
+    shutdown_distributed,
     unshard_sequence,
 )
 
@@ -170,6 +171,7 @@ def _worker(rank: int, world: int, port: int, strategy: str, result_path: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = DistContext(rank=rank, world_size=world, owns_group=True)
     try:
         losses, grads, weights = _train_once(strategy, batch_size=1, grad_accum=2)
         cp = _context_parallel_check(rank, world)
@@ -177,8 +179,10 @@ def _worker(rank: int, world: int, port: int, strategy: str, result_path: str) -
             torch.save({"losses": losses, "grads": grads, "weights": weights, "cp": cp}, result_path)
         else:
             torch.save({"cp": cp}, result_path + ".rank1")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown_distributed(ctx, failed=True)
+        raise
+    shutdown_distributed(ctx)  # both ranks reach the barrier before gloo is torn down
 
 
 def _spawn(strategy: str, tmp_path: Path) -> tuple[dict, dict]:

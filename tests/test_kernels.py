@@ -46,17 +46,79 @@ def test_fused_eager_math_random_shapes_strides_positions(seed):
     rq, rk = ropekit.apply_rotary(q, k, f, pos, heads_first=heads_first, backend="reference")
     p = resolve_positions(pos, b, s, q.device)
     cos, sin = cpu.tables(f, pos, p, f.attention_scale, False)
-    c = cos.unsqueeze(1) if heads_first else cos.unsqueeze(2)
-    sn = sin.unsqueeze(1) if heads_first else sin.unsqueeze(2)
-    for x, ref in ((q, rq), (k, rk)):
-        out = _nan_like(x)
-        cpu.fused_rotate(x, c, sn, out, rd, layout == "gptj", rd < hd)
+    interleaved = layout == "gptj"
+    oq, ok = cpu.rotate_qk(q, k, cos, sin, rotary_dim=rd, interleaved=interleaved, heads_first=heads_first,
+                           compile=False)
+    for out, x, ref in ((oq, q, rq), (ok, k, rk)):
         _close(out, ref, dtype)
         if rd < hd:
             assert torch.equal(out[..., rd:], x[..., rd:])
-        inplace = x.clone()
-        cpu.fused_rotate(inplace, c, sn, inplace, rd, layout == "gptj", False)
-        _close(inplace, ref, dtype)
+    for x, ref in ((q, rq), (k, rk)):  # the eager pass into a NaN-poisoned output
+        out = _nan_like(x)
+        cos_p, sin_p = cpu.pair_tables(cos.unsqueeze(1 if heads_first else 2),
+                                       sin.unsqueeze(1 if heads_first else 2), interleaved)
+        cpu.fused_rotate(x, cos_p, sin_p, out, rd, interleaved)
+        _close(out, ref, dtype)
+    qi, ki = q.clone(), k.clone()
+    cpu.rotate_qk(qi, ki, cos, sin, rotary_dim=rd, interleaved=interleaved, heads_first=heads_first,
+                  inplace=True, compile=False)
+    _close(qi, rq, dtype), _close(ki, rk, dtype)
+    if rd < hd:
+        assert torch.equal(qi[..., rd:], q[..., rd:])
+
+
+def test_inplace_in_several_chunks_heads_first_and_last(monkeypatch):
+    """In place, a few heads at a time through the scratch buffer: every chunk written, none twice."""
+    monkeypatch.setattr(cpu, "INPLACE_CHUNK_BYTES", 4096)  # one head (2 x 16 x 24 fp32 = 3 KiB) per chunk
+    f = ropekit.frequencies(RopeConfig(head_dim=32, rotary_dim=24, method="ntk", factor=2.0))
+    gen = torch.Generator().manual_seed(5)
+    for heads_first in (True, False):
+        shape = (2, 6, 16, 32) if heads_first else (2, 16, 6, 32)
+        q = torch.randn(shape, generator=gen)
+        pos = torch.randint(0, 1 << 20, (2, 16), generator=gen)
+        ref, _ = ropekit.apply_rotary(q, None, f, pos, heads_first=heads_first, backend="reference")
+        qi = q.clone()
+        cos, sin = cpu.tables(f, pos, pos, 1.0, False)
+        cpu.rotate_qk(qi, None, cos, sin, rotary_dim=24, interleaved=False, heads_first=heads_first,
+                      inplace=True, compile=False)
+        _close(qi, ref, torch.float32)
+        assert torch.equal(qi[..., 24:], q[..., 24:])
+    assert cpu._heads_per_chunk(6, 1024) == 3 and cpu._heads_per_chunk(7, 1024) == 1  # equal chunks only
+
+
+def test_output_pool_never_hands_out_a_buffer_still_in_use():
+    cpu.clear_cache()
+    x = torch.randn(cpu.HUGE_PAGE_MIN_BYTES // 4)  # fp32: exactly the pooling threshold
+    a, b = cpu.empty_output(x), cpu.empty_output(x)
+    a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
+    assert a_ptr != b_ptr
+    view = b[10:20]
+    del a, b
+    c = cpu.empty_output(x)  # a's buffer is free again; b's is held by its view
+    assert c.data_ptr() == a_ptr
+    d = cpu.empty_output(x)
+    assert d.data_ptr() not in (a_ptr, b_ptr)
+    arr, d_ptr = d.numpy(), d.data_ptr()  # a NumPy array over d keeps d's storage
+    del d
+    e = cpu.empty_output(x)
+    assert e.data_ptr() not in (a_ptr, b_ptr, d_ptr)
+    del view
+    assert cpu.empty_output(x).data_ptr() == b_ptr  # the view is gone: b's buffer is free
+    del arr, c, e
+    cpu.clear_cache()
+    assert not cpu._pool  # nothing referenced any more: clear_cache drops every buffer
+
+
+def test_second_call_of_a_shape_gets_a_static_pass():
+    cpu.clear_cache()
+    f = ropekit.frequencies(RopeConfig(head_dim=64))
+    q = torch.randn(1, 4, 1024, 64)  # 2**18 elements: the auto backend's cpu threshold
+    ref, _ = ropekit.apply_rotary(q, None, f, backend="reference")
+    before = len(cpu._static)
+    for _ in range(3):
+        out, _ = ropekit.apply_rotary(q, None, f, backend="cpu")
+        _close(out, ref, torch.float32)
+    assert len(cpu._static) == before + 1
 
 
 def test_compiled_default_path_fp32_bf16_gqa_one_head_seq1():

@@ -11,6 +11,10 @@ reference's; only the rotation arithmetic is reorganised (float32, the reference
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+import threading
 import types
 import warnings
 from collections import OrderedDict
@@ -26,56 +30,215 @@ TABLE_CACHE_ENTRIES = 8
 _table_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def fused_rotate(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, rotary_dim: int, interleaved: bool,
-                 copy_pass: bool) -> Tensor:
-    """Rotate the first ``rotary_dim`` channels of ``x`` into ``out`` (may be ``x``: in place).
+# Out-of-place outputs are fresh allocations, and first-touching them page by page dominated the time
+# (fp32 (1, 32, 4096, 128): 64 MiB = 16384 faults of 4 KiB, about 70 ms in a VM, ten times the rotation).
+# Two remedies, measured in benchmarks/README.md ("CPU backend"):
+#  * a small pool of output buffers, reused once nothing refers to them any more (the storage's use count,
+#    the liveness test PyTorch's CUDA-graph trees use for their outputs): in a model, layer n+1's rotated q
+#    lands in layer n's, which attention has finished with. At most OUTPUT_POOL_BYTES are kept.
+#  * outputs the pool cannot serve are advised onto transparent huge pages (2 MiB, 512x fewer faults), as
+#    PyTorch's own THP_MEM_ALLOC_ENABLE=1 does for every allocation.
+OUTPUT_POOL_BYTES = 256 * 2**20
+HUGE_PAGE_MIN_BYTES = 4 * 2**20
+_HUGE_PAGE = 2 * 2**20
+_MADV_HUGEPAGE = 14
 
-    x, out: (..., head_dim), same shape; cos, sin: float32, broadcastable to (..., rotary_dim/2).
-    ``copy_pass``: copy channels beyond rotary_dim (out of place with partial rotary).
+
+def _load_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _load_madvise()
+
+
+def _huge_page_empty_like(x: Tensor) -> Tensor:
+    """``torch.empty_like(x)``; when large, its not-yet-touched pages advised onto transparent huge pages.
+
+    Advice only: where THP is off ("never") or not Linux, madvise fails or is absent and nothing changes.
     """
-    half = rotary_dim // 2
-    if interleaved:
-        s1, s2 = slice(0, rotary_dim, 2), slice(1, rotary_dim, 2)
-    else:
-        s1, s2 = slice(0, half), slice(half, rotary_dim)
-    x1 = x[..., s1].float()
-    x2 = x[..., s2].float()
-    o1 = (x1 * cos - x2 * sin).to(out.dtype)
-    o2 = (x2 * cos + x1 * sin).to(out.dtype)
-    out[..., s1] = o1
-    out[..., s2] = o2
-    if copy_pass:
-        out[..., rotary_dim:] = x[..., rotary_dim:]
+    out = torch.empty_like(x)
+    nbytes = out.untyped_storage().nbytes()
+    if _madvise is not None and nbytes >= HUGE_PAGE_MIN_BYTES and out.device.type == "cpu":
+        start = out.untyped_storage().data_ptr()
+        first = -(-start // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the buffer only
+        last = (start + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if last > first:
+            _madvise(first, last - first, _MADV_HUGEPAGE)
     return out
 
 
-# One compiled function per variant (dtype, layout, pass-through copy, in place, autograd), each with its
-# own code object: Dynamo's recompile limit counts per code object, and a variant then only recompiles
-# when shapes or strides change (once, to dynamic shapes).
-_compiled: dict[tuple, object] = {}
+_pool: list[Tensor] = []  # flat buffers; a buffer is free when the pool's reference is its storage's only one
+_pool_lock = threading.Lock()
+
+
+def _storage_users(buf: Tensor) -> int:
+    # The temporary UntypedStorage object counts once; the pool's own tensor once more.
+    return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) - 1
+
+
+def empty_output(x: Tensor) -> Tensor:
+    """An uninitialised tensor like ``x`` (shape, dtype; contiguous when x is) for an out-of-place result.
+
+    Large contiguous outputs come from the output pool when a buffer of the same size is free, else from a
+    fresh huge-page-advised allocation that joins the pool while it has room. Other tensors: ``empty_like``.
+    """
+    if torch.compiler.is_compiling():  # traced into a caller's graph: Inductor owns the allocation
+        return torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    if nbytes < HUGE_PAGE_MIN_BYTES or not x.is_contiguous() or x.device.type != "cpu":
+        return torch.empty_like(x)
+    with _pool_lock:
+        for buf in _pool:
+            if buf.dtype == x.dtype and buf.numel() == x.numel() and _storage_users(buf) == 1:
+                return buf.view(x.shape)
+        flat = _huge_page_empty_like(x.reshape(-1))  # the pool keeps the base, callers get views of it
+        if nbytes + sum(b.numel() * b.element_size() for b in _pool) <= OUTPUT_POOL_BYTES:
+            _pool.append(flat)
+        return flat.view(x.shape)
+
+
+def pair_view(x: Tensor, rotary_dim: int, interleaved: bool) -> Tensor:
+    """x's rotary channels with the pair as its own axis: (..., 2, rotary_dim/2) neox, (..., rotary_dim/2, 2) gptj."""
+    xr = x[..., :rotary_dim]
+    return xr.unflatten(-1, (rotary_dim // 2, 2) if interleaved else (2, rotary_dim // 2))
+
+
+def pair_tables(cos: Tensor, sin: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
+    """(..., rotary_dim/2) tables -> broadcastable to ``pair_view``: cos on both members, sin signed (-sin, +sin)."""
+    axis = -1 if interleaved else -2
+    return cos.unsqueeze(axis), torch.stack((-sin, sin), dim=axis)
+
+
+def rotate_pairs(xp: Tensor, cos_p: Tensor, sin_p: Tensor, out_p: Tensor, interleaved: bool) -> Tensor:
+    """The fused pass: ``out_p = xp * cos + partner * (∓sin)``, partner = xp with each pair swapped.
+
+    xp, out_p: ``pair_view``s (must not overlap); cos_p, sin_p: ``pair_tables``, float32. Per element it is
+    the reference's float32 arithmetic (x1*cos - x2*sin, x2*cos + x1*sin). Written over the pair axis with a
+    flip, not as halves joined by cat: every load is then a contiguous vector load and every output element
+    is written once, straight into ``out_p`` (the cat forms made Inductor gather element by element or go
+    through a temporary; measurements in benchmarks/README.md).
+    """
+    xf = xp.float()
+    partner = xf.flip(-1 if interleaved else -2)
+    return out_p.copy_((xf * cos_p + partner * sin_p).to(out_p.dtype))
+
+
+def fused_rotate(x: Tensor, cos_p: Tensor, sin_p: Tensor, out: Tensor, rotary_dim: int, interleaved: bool,
+                 run=None) -> Tensor:
+    """Rotate the first ``rotary_dim`` channels of ``x`` into ``out`` and copy the rest (eager unless ``run``).
+
+    x, out: (..., head_dim), same shape, not overlapping; cos_p, sin_p: ``pair_tables``, broadcastable to
+    ``pair_view(x)``. ``run(xp, cos_p, sin_p, out_p, interleaved)`` is the pass to use (default: eager).
+    """
+    (run or rotate_pairs)(pair_view(x, rotary_dim, interleaved), cos_p, sin_p,
+                          pair_view(out, rotary_dim, interleaved), interleaved)
+    if rotary_dim < x.shape[-1]:
+        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
+    return out
+
+
+# Compiled passes, in two tiers per variant (dtype, layout, autograd, rank):
+#  * one dynamic-shape pass, compiled once, for shapes seen for the first time (no compile per shape:
+#    passkey prompts, for example, all differ in length);
+#  * a static-shape pass per shape (and strides) from its second call on, kept for STATIC_KERNELS shapes
+#    (least recently used dropped): static sizes let Inductor's C++ backend pick its best vectorisation.
+# Each compiled function gets its own code object, so Dynamo's per-code recompile limit never trips.
+STATIC_KERNELS = 16
+_static: "OrderedDict[tuple, object]" = OrderedDict()
+_dynamic: dict[tuple, object] = {}
+_seen: set[tuple] = set()
 _failed: set[tuple] = set()
 
 
-def _variant_fn(key: tuple):
-    if key not in _compiled:
-        code = fused_rotate.__code__.replace(co_name=f"fused_rotate_{len(_compiled)}")
-        fn = types.FunctionType(code, fused_rotate.__globals__, code.co_name, fused_rotate.__defaults__)
-        _compiled[key] = torch.compile(fn, fullgraph=True)
-    return _compiled[key]
+def _compiled(name: str, dynamic: bool):
+    code = rotate_pairs.__code__.replace(co_name=name)
+    fn = types.FunctionType(code, rotate_pairs.__globals__, code.co_name, rotate_pairs.__defaults__)
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
 
 
-def _run(key: tuple, compile: bool, *args):
-    """Run the fused pass compiled for ``key`` (eager under an outer compile, when off, or after a failure)."""
-    if not compile or key in _failed or torch.compiler.is_compiling():
-        return fused_rotate(*args)
+def _pass_for(key: tuple, tensors: tuple[Tensor, ...]):
+    sig = (key,) + tuple((tuple(t.shape), t.stride()) for t in tensors)
+    fn = _static.get(sig)
+    if fn is not None:
+        _static.move_to_end(sig)
+        return fn
+    if sig in _seen:
+        fn = _static[sig] = _compiled(f"rotate_pairs_static_{len(_seen)}", dynamic=False)
+        while len(_static) > STATIC_KERNELS:
+            _static.popitem(last=False)
+        return fn
+    if len(_seen) > 4096:  # a long run of one-off shapes: forget them rather than grow without bound
+        _seen.clear()
+    _seen.add(sig)
+    if key not in _dynamic:
+        _dynamic[key] = _compiled(f"rotate_pairs_dynamic_{len(_dynamic)}", dynamic=True)
+    return _dynamic[key]
+
+
+def _run(key: tuple, compile: bool, x: Tensor, cos_p: Tensor, sin_p: Tensor, out: Tensor, rotary_dim: int,
+         interleaved: bool) -> Tensor:
+    """``fused_rotate`` with the compiled pass for ``key`` (eager when off or after a failure)."""
+    if not compile or key in _failed:
+        return fused_rotate(x, cos_p, sin_p, out, rotary_dim, interleaved)
+
+    def run(*args):
+        return _pass_for(key, args[:4])(*args)
     try:
-        return _variant_fn(key)(*args)
-    except Exception as err:  # no C++ compiler, recompile limit...: say so once, run the same maths eagerly
+        return fused_rotate(x, cos_p, sin_p, out, rotary_dim, interleaved, run=run)
+    except Exception as err:  # no C++ compiler...: say so once, run the same maths eagerly
         _failed.add(key)
         warnings.warn(f"ropekit cpu backend: torch.compile failed ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); running the fused rotation eagerly "
                       f"for {key}", RuntimeWarning, stacklevel=3)
-        return fused_rotate(*args)
+        return fused_rotate(x, cos_p, sin_p, out, rotary_dim, interleaved)
+
+
+# In place, the pass cannot write where it still has to read (a pair's second member needs the first), so
+# Inductor would rotate into a full-size temporary and copy back. Instead: a few heads at a time into a
+# small reused scratch buffer that stays in cache, then copied back; memory traffic stays one read and one
+# write of q and k.
+INPLACE_CHUNK_BYTES = 4 * 2**20
+_scratch: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+
+def _scratch_like(part: Tensor) -> Tensor:
+    key = (tuple(part.shape), part.dtype)
+    buf = _scratch.get(key)
+    if buf is None:
+        buf = _scratch[key] = torch.empty(part.shape, dtype=part.dtype)
+        while len(_scratch) > 2:
+            _scratch.popitem(last=False)
+    return buf
+
+
+def _heads_per_chunk(heads: int, bytes_per_head: int) -> int:
+    """The largest divisor of ``heads`` whose chunk fits INPLACE_CHUNK_BYTES (1 when one head is larger):
+    equal chunks, so one compiled shape serves every chunk."""
+    best = 1
+    for n in range(1, heads + 1):
+        if heads % n == 0 and n * bytes_per_head <= INPLACE_CHUNK_BYTES:
+            best = n
+    return best
+
+
+def _rotate_inplace(key: tuple, compile: bool, x: Tensor, cos_p: Tensor, sin_p: Tensor, rotary_dim: int,
+                    interleaved: bool, heads_dim: int) -> Tensor:
+    xr = x[..., :rotary_dim]  # pass-through channels stay where they are
+    heads = xr.shape[heads_dim]
+    n = _heads_per_chunk(heads, xr.numel() // max(heads, 1) * xr.element_size())
+    for h0 in range(0, heads, n):
+        part = xr.narrow(heads_dim, h0, n)
+        part.copy_(_run(key, compile, part, cos_p, sin_p, _scratch_like(part), rotary_dim, interleaved))
+    return x
 
 
 def _positions_key(positions) -> tuple | None:
@@ -119,8 +282,32 @@ def tables(freqs, positions_arg, positions: Tensor, scale: float, conjugate: boo
 
 
 def clear_cache() -> None:
-    """Drop the cached cos/sin tables."""
+    """Drop the cached cos/sin tables, the in-place scratch buffers and the output pool's free buffers."""
     _table_cache.clear()
+    _pair_cache.clear()
+    _scratch.clear()
+    with _pool_lock:
+        _pool[:] = [buf for buf in _pool if _storage_users(buf) > 1]
+
+
+_pair_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _pair_tables_cached(cos: Tensor, sin: Tensor, interleaved: bool, heads_first: bool) -> tuple[Tensor, Tensor]:
+    """``pair_tables`` of (1|B, S, rotary_dim/2) tables, with a heads axis to broadcast over (heads-first
+    (B, 1, S, ...), heads-last (B, S, 1, ...)); cached per table pair, as the tables themselves are."""
+    key = (id(cos), id(sin), interleaved, heads_first)
+    hit = None if torch.compiler.is_compiling() else _pair_cache.get(key)
+    if hit is not None and hit[0] is cos and hit[1] is sin:
+        _pair_cache.move_to_end(key)
+        return hit[2], hit[3]
+    axis = 1 if heads_first else 2
+    cos_p, sin_p = pair_tables(cos.unsqueeze(axis), sin.unsqueeze(axis), interleaved)
+    if not torch.compiler.is_compiling():
+        _pair_cache[key] = (cos, sin, cos_p, sin_p)
+        while len(_pair_cache) > TABLE_CACHE_ENTRIES:
+            _pair_cache.popitem(last=False)
+    return cos_p, sin_p
 
 
 def rotate_qk(
@@ -136,16 +323,21 @@ def rotate_qk(
     compile: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Rotate 4-D q and k with (1|B, S, rotary_dim/2) float32 tables; out of place unless ``inplace``."""
-    # (B, S, h) -> broadcast over heads: (B, 1, S, h) heads-first, (B, S, 1, h) heads-last.
-    c = cos.unsqueeze(1) if heads_first else cos.unsqueeze(2)
-    s = sin.unsqueeze(1) if heads_first else sin.unsqueeze(2)
+    cos_p, sin_p = _pair_tables_cached(cos, sin, interleaved, heads_first)
     outs = []
     for x in (q, k):
         if x is None:
             outs.append(None)
-            continue
-        out = x if inplace else torch.empty_like(x)
-        copy_pass = not inplace and rotary_dim < x.shape[-1]
-        key = (x.dtype, interleaved, copy_pass, inplace, x.requires_grad and torch.is_grad_enabled(), x.dim())
-        outs.append(_run(key, compile, x, c, s, out, rotary_dim, interleaved, copy_pass))
+        elif torch.compiler.is_compiling():  # traced into the caller's graph; Inductor plans the buffers
+            rot = fused_rotate(x, cos_p, sin_p, torch.empty_like(x), rotary_dim, interleaved)
+            outs.append(x.copy_(rot) if inplace else rot)
+        else:
+            grad = x.requires_grad and torch.is_grad_enabled()
+            key = (x.dtype, interleaved, grad, x.dim())
+            if inplace and not grad:
+                outs.append(_rotate_inplace(key, compile, x, cos_p, sin_p, rotary_dim, interleaved,
+                                            1 if heads_first else 2))
+            else:
+                out = _run(key, compile, x, cos_p, sin_p, empty_output(x), rotary_dim, interleaved)
+                outs.append(x.copy_(out) if inplace else out)
     return outs[0], outs[1]

@@ -39,6 +39,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # init_distributed created the process group, so shutdown_distributed ends it
 
     @property
     def distributed(self) -> bool:
@@ -80,9 +81,25 @@ def init_distributed(device: str | None = None) -> DistContext:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
+    return DistContext(rank=rank, world_size=world, local_rank=local, device=dev, owns_group=owns)
+
+
+def shutdown_distributed(ctx: DistContext | None = None, *, failed: bool = False) -> None:
+    """End the default process group: a barrier first, then ``destroy_process_group``.
+
+    The barrier matters: a rank that tears gloo down while its peer still has work in flight can abort the peer
+    (``terminate called without an active exception``). With ``failed=True`` (this rank is leaving on an error and
+    its peers may never reach a barrier) the group is destroyed without waiting. With a ``ctx`` that did not create
+    the group (``owns_group`` False), nothing happens: whoever created it ends it.
+    """
+    if not dist.is_initialized() or (ctx is not None and not ctx.owns_group):
+        return
+    if not failed:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def context_from_group() -> DistContext:

@@ -40,6 +40,7 @@ from ropekit.training.distributed import (
     all_reduce_sum,
     context_from_group,
     init_distributed,
+    shutdown_distributed,
     wrap_model,
 )
 
@@ -534,9 +535,23 @@ def finetune(
     Evaluation (perplexity at the trained length and at seq_len, on ``eval_data`` or else ``data``) and
     export run on rank 0.
     """
+    ctx = init_distributed(device)
+    try:
+        summary = _finetune_in_group(ctx, source, rope=rope, data=data, out_dir=out_dir, settings=settings,
+                                     resume=resume, evaluate=evaluate, eval_data=eval_data,
+                                     eval_windows=eval_windows, export=export, progress=progress)
+    except BaseException:
+        shutdown_distributed(ctx, failed=True)
+        raise
+    shutdown_distributed(ctx)
+    return summary
+
+
+def _finetune_in_group(ctx: DistContext, source: str, *, rope, data, out_dir, settings: FinetuneSettings,
+                       resume: bool, evaluate: bool, eval_data, eval_windows: int, export: bool,
+                       progress: bool) -> dict[str, Any]:
     from ropekit.models import apply_rope, export_model, load_model
 
-    ctx = init_distributed(device)
     out_dir = Path(out_dir)
     torch.manual_seed(settings.seed)
     docs = load_documents(data)  # bad data fails before the model loads
