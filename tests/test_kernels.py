@@ -109,6 +109,18 @@ def test_output_pool_never_hands_out_a_buffer_still_in_use():
     assert not cpu._pool  # nothing referenced any more: clear_cache drops every buffer
 
 
+def test_large_output_with_autograd_is_not_pooled_and_has_right_gradients():
+    cpu.clear_cache()
+    f = ropekit.frequencies(RopeConfig(head_dim=128, method="linear", factor=2.0))
+    q = torch.randn(1, 8, 1024, 128, requires_grad=True)  # 4 MiB: large enough for the pool
+    out, _ = ropekit.apply_rotary(q, None, f, backend="cpu")
+    assert all(not buf.requires_grad and buf.grad_fn is None for buf in cpu._pool)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    expected = ropekit.apply_rotary(weight, None, f, backend="reference", inverse=True)[0]
+    torch.testing.assert_close(q.grad, expected, atol=1e-5, rtol=1e-5)  # the gradient is the inverse rotation
+
+
 def test_second_call_of_a_shape_gets_a_static_pass():
     cpu.clear_cache()
     f = ropekit.frequencies(RopeConfig(head_dim=64))

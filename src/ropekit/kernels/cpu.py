@@ -1,14 +1,23 @@
 """The fast CPU path: ropekit's float64-built cos/sin table (cached) + one fused, compiled rotation pass.
 
-Chosen by measurement (``ropekit bench``): the reference builds several full-size float32 temporaries
-(slices, products, ``cat``), the fused pass reads q/k once and writes the output once. The fused pass is
-``torch.compile`` of ``fused_rotate`` (Inductor's C++ backend vectorises it); under an outer
-``torch.compile`` the same function is traced into the caller's graph instead.
+Chosen by measurement (``ropekit bench``; the numbers are in benchmarks/README.md, "How the CPU path got
+fast"). The reference builds several full-size float32 temporaries (slices, products, ``cat``); this path
+reads q/k once and writes each output element once:
+
+* ``rotate_pairs``, compiled with ``torch.compile`` (Inductor's C++ backend vectorises it), works on a view
+  with the pair as its own axis, ``x * cos + flip(x) * (-sin, +sin)``, so every load is a contiguous vector
+  load (the two-halves-and-``cat`` forms made Inductor gather element by element or write a temporary);
+* a static-shape pass per shape from its second call, a dynamic-shape one for one-off shapes;
+* out-of-place outputs come from a small pool of reusable buffers (fresh memory costs a page fault per
+  4 KiB, which cost more than the rotation itself), else from huge-page-advised allocations;
+* in place, a few heads at a time through a cache-sized scratch buffer.
+
+Under an outer ``torch.compile`` the same functions are traced into the caller's graph instead.
 
 Angles: the tables are ``ropekit.rotation.cos_sin`` (float64, rounded once to float32), exactly the
-reference's; only the rotation arithmetic is reorganised (float32, the reference's compute dtype).
+reference's; only the rotation arithmetic is reorganised (float32, the reference's compute dtype, with the
+same products and sums per element).
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -338,6 +347,8 @@ def rotate_qk(
                 outs.append(_rotate_inplace(key, compile, x, cos_p, sin_p, rotary_dim, interleaved,
                                             1 if heads_first else 2))
             else:
-                out = _run(key, compile, x, cos_p, sin_p, empty_output(x), rotary_dim, interleaved)
+                # With autograd the output joins the graph (CopySlices on its base): never a pooled buffer.
+                fresh = torch.empty_like(x) if grad else empty_output(x)
+                out = _run(key, compile, x, cos_p, sin_p, fresh, rotary_dim, interleaved)
                 outs.append(x.copy_(out) if inplace else out)
     return outs[0], outs[1]
