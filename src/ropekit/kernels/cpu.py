@@ -40,8 +40,8 @@ _table_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 # Out-of-place outputs are fresh allocations, and first-touching them page by page dominated the time
-# (fp32 (1, 32, 4096, 128): 64 MiB = 16384 faults of 4 KiB, about 70 ms in a VM, ten times the rotation).
-# Two remedies, measured in benchmarks/README.md ("CPU backend"):
+# (filling a new 64 MiB tensor: 16384 faults of 4 KiB, about 20 ms on a 2-core VM, four times the rotation).
+# Two remedies, measured in benchmarks/README.md ("How the CPU path got fast"):
 #  * a small pool of output buffers, reused once nothing refers to them any more (the storage's use count,
 #    the liveness test PyTorch's CUDA-graph trees use for their outputs): in a model, layer n+1's rotated q
 #    lands in layer n's, which attention has finished with. At most OUTPUT_POOL_BYTES are kept.
