@@ -87,18 +87,18 @@ def test_load_documents_formats_and_errors(tmp_path):
     (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "second"}) + "\n\n" + json.dumps({"text": "third"}))
     (tmp_path / "skip.bin").write_text("not read")
     assert load_documents(tmp_path) == ["first", "second", "third"]
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="data: no such file or folder"):
         load_documents(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="data: no files"):
+    with pytest.raises(ValueError, match="data: folder .* has no text files"):
         load_documents(empty)
     (empty / "blank.txt").write_text("  \n")
     with pytest.raises(ValueError, match="data: no non-empty documents"):
         load_documents(empty)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": 1}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1 needs a string field"):
+    with pytest.raises(ValueError, match="bad.jsonl line 1 has no string field 'text'"):
         load_documents(bad)
 
 
@@ -351,9 +351,9 @@ def test_cli_finetune_bad_input(tiny_model_folder, data_folder, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     no_data = _cli(base + ["--seq-len", "64", "--data", str(empty)])
-    assert no_data.exit_code != 0 and "--data: no files" in no_data.output
+    assert no_data.exit_code != 0 and "has no text files" in no_data.output
     missing = _cli(base + ["--seq-len", "64", "--data", str(tmp_path / "nope")])
-    assert missing.exit_code != 0 and "does not exist" in missing.output
+    assert missing.exit_code != 0 and "no such file or folder" in missing.output
     assert "Traceback" not in short.output + no_data.output + missing.output
 
 

@@ -15,7 +15,6 @@ Labels: a document's first token is not predicted from the end of the previous d
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -25,50 +24,20 @@ import torch
 Tensor = torch.Tensor
 
 IGNORE_INDEX = -100
-# Files read from a data folder (recursively); a .jsonl file holds one {"text": ...} document per line.
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".json")
-
 
 # ---------------------------------------------------------------------- reading
-def load_documents(path: str | Path) -> list[str]:
-    """Documents from ``path``: a text file (one document), a .jsonl file (field "text" per line), or a folder
-    (every file with a suffix in TEXT_SUFFIXES, recursively, in sorted order).
+def load_documents(path: str | Path | None) -> list[str]:
+    """The texts of ``ropekit.evaluation.load_documents(path)``, empty ones dropped: the same formats (a text
+    file, a folder of text files, a .jsonl file with a "text" field per line, "stdlib") and the same errors,
+    so that training and evaluation read a data path alike.
 
-    Raises ValueError naming ``data`` when the path is missing or holds no non-empty document.
+    Raises FileNotFoundError / ValueError naming ``data``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"data: {path} does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise ValueError(f"data: no files ending in {', '.join(TEXT_SUFFIXES)} under {path}")
-    else:
-        files = [path]
-    docs: list[str] = []
-    for f in files:
-        docs.extend(_read_file(f))
-    docs = [d for d in docs if d.strip()]
+    from ropekit.evaluation.data import load_documents as documents
+
+    docs = [doc.text for doc in documents(path) if doc.text.strip()]
     if not docs:
         raise ValueError(f"data: no non-empty documents in {path}")
-    return docs
-
-
-def _read_file(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix not in (".jsonl", ".json"):
-        return [text]
-    docs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"data: {path}:{number} is not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"data: {path}:{number} needs a string field \"text\"")
-        docs.append(record["text"])
     return docs
 
 
