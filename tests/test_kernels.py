@@ -121,6 +121,27 @@ def test_large_output_with_autograd_is_not_pooled_and_has_right_gradients():
     torch.testing.assert_close(q.grad, expected, atol=1e-5, rtol=1e-5)  # the gradient is the inverse rotation
 
 
+@pytest.mark.parametrize("layout,rotary_dim", [("neox", 128), ("gptj", 96)])
+def test_compiled_pass_writes_every_element_of_a_poisoned_pooled_output(layout, rotary_dim):
+    """Pooled outputs are reused uninitialised: poison them between calls; a skipped element would show."""
+    cpu.clear_cache()
+    f = ropekit.frequencies(RopeConfig(head_dim=128, rotary_dim=rotary_dim, layout=layout, method="yarn",
+                                       factor=4.0, original_max_position=1024))
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 8, 1024, 128, generator=gen)  # 4 MiB: pooled
+    k = torch.randn(1, 8, 1024, 128, generator=gen)
+    pos = torch.randint(0, 4_000_000, (1, 1024), generator=gen)
+    rq, rk = ropekit.apply_rotary(q, k, f, pos, backend="reference")
+    for _ in range(3):  # dynamic pass, then the static one, then the static one again
+        for buf in cpu._pool:
+            buf.fill_(float("nan"))
+        oq, ok = ropekit.apply_rotary(q, k, f, pos, backend="cpu")
+        assert any(oq.data_ptr() == buf.data_ptr() for buf in cpu._pool)
+        assert torch.equal(oq, rq) and torch.equal(ok, rk)  # bit for bit, no NaN left
+        del oq, ok
+    cpu.clear_cache()
+
+
 def test_second_call_of_a_shape_gets_a_static_pass():
     cpu.clear_cache()
     f = ropekit.frequencies(RopeConfig(head_dim=64))
