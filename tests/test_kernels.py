@@ -132,7 +132,7 @@ def test_compiled_pass_writes_every_element_of_a_poisoned_pooled_output(layout, 
     k = torch.randn(1, 8, 1024, 128, generator=gen)
     pos = torch.randint(0, 4_000_000, (1, 1024), generator=gen)
     rq, rk = ropekit.apply_rotary(q, k, f, pos, backend="reference")
-    for _ in range(3):  # dynamic pass, then the static one, then the static one again
+    for _ in range(3):
         for buf in cpu._pool:
             buf.fill_(float("nan"))
         oq, ok = ropekit.apply_rotary(q, k, f, pos, backend="cpu")
@@ -142,16 +142,15 @@ def test_compiled_pass_writes_every_element_of_a_poisoned_pooled_output(layout, 
     cpu.clear_cache()
 
 
-def test_second_call_of_a_shape_gets_a_static_pass():
+def test_one_compiled_pass_serves_every_length():
     cpu.clear_cache()
     f = ropekit.frequencies(RopeConfig(head_dim=64))
-    q = torch.randn(1, 4, 1024, 64)  # 2**18 elements: the auto backend's cpu threshold
-    ref, _ = ropekit.apply_rotary(q, None, f, backend="reference")
-    before = len(cpu._static)
-    for _ in range(3):
-        out, _ = ropekit.apply_rotary(q, None, f, backend="cpu")
-        _close(out, ref, torch.float32)
-    assert len(cpu._static) == before + 1
+    before = len(cpu._compiled_passes)
+    for seq in (1024, 1500, 2049):  # 2**18+ elements: the auto backend's cpu path
+        q = torch.randn(1, 4, seq, 64)
+        out, _ = ropekit.apply_rotary(q, None, f)
+        _close(out, ropekit.apply_rotary(q, None, f, backend="reference")[0], torch.float32)
+    assert len(cpu._compiled_passes) <= before + 1
 
 
 def test_compiled_default_path_fp32_bf16_gqa_one_head_seq1():

@@ -7,7 +7,7 @@ reads q/k once and writes each output element once:
 * ``rotate_pairs``, compiled with ``torch.compile`` (Inductor's C++ backend vectorises it), works on a view
   with the pair as its own axis, ``x * cos + flip(x) * (-sin, +sin)``, so every load is a contiguous vector
   load (the two-halves-and-``cat`` forms made Inductor gather element by element or write a temporary);
-* a static-shape pass per shape from its second call, a dynamic-shape one for one-off shapes;
+* one dynamic-shape compiled pass per variant (no compile per sequence length);
 * out-of-place outputs come from a small pool of reusable buffers (fresh memory costs a page fault per
   4 KiB, which cost more than the rotation itself), else from huge-page-advised allocations;
 * in place, a few heads at a time through a cache-sized scratch buffer.
@@ -155,42 +155,25 @@ def fused_rotate(x: Tensor, cos_p: Tensor, sin_p: Tensor, out: Tensor, rotary_di
     return out
 
 
-# Compiled passes, in two tiers per variant (dtype, layout, autograd, rank):
-#  * one dynamic-shape pass, compiled once, for shapes seen for the first time (no compile per shape:
-#    passkey prompts, for example, all differ in length);
-#  * a static-shape pass per shape (and strides) from its second call on, kept for STATIC_KERNELS shapes
-#    (least recently used dropped): static sizes let Inductor's C++ backend pick its best vectorisation.
-# Each compiled function gets its own code object, so Dynamo's per-code recompile limit never trips.
-STATIC_KERNELS = 16
-_static: "OrderedDict[tuple, object]" = OrderedDict()
-_dynamic: dict[tuple, object] = {}
-_seen: set[tuple] = set()
+# One compiled pass per variant (dtype, layout, autograd, rank, contiguity), with dynamic shapes from the
+# first call: no compile per new length (passkey prompts, for example, all differ in length), and the pair
+# formulation vectorises as well with dynamic sizes as with static ones (measured: within noise). Each
+# variant gets its own code object, so Dynamo's per-code recompile limit counts per variant.
+_compiled_passes: dict[tuple, object] = {}
 _failed: set[tuple] = set()
 
 
-def _compiled(name: str, dynamic: bool):
+def _compiled(name: str):
     code = rotate_pairs.__code__.replace(co_name=name)
     fn = types.FunctionType(code, rotate_pairs.__globals__, code.co_name, rotate_pairs.__defaults__)
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-def _pass_for(key: tuple, tensors: tuple[Tensor, ...]):
-    sig = (key,) + tuple((tuple(t.shape), t.stride()) for t in tensors)
-    fn = _static.get(sig)
-    if fn is not None:
-        _static.move_to_end(sig)
-        return fn
-    if sig in _seen:
-        fn = _static[sig] = _compiled(f"rotate_pairs_static_{len(_seen)}", dynamic=False)
-        while len(_static) > STATIC_KERNELS:
-            _static.popitem(last=False)
-        return fn
-    if len(_seen) > 4096:  # a long run of one-off shapes: forget them rather than grow without bound
-        _seen.clear()
-    _seen.add(sig)
-    if key not in _dynamic:
-        _dynamic[key] = _compiled(f"rotate_pairs_dynamic_{len(_dynamic)}", dynamic=True)
-    return _dynamic[key]
+def _pass_for(key: tuple, xp: Tensor, out_p: Tensor):
+    key = key + (xp.is_contiguous(), out_p.is_contiguous())
+    if key not in _compiled_passes:
+        _compiled_passes[key] = _compiled(f"rotate_pairs_{len(_compiled_passes)}")
+    return _compiled_passes[key]
 
 
 def _run(key: tuple, compile: bool, x: Tensor, cos_p: Tensor, sin_p: Tensor, out: Tensor, rotary_dim: int,
@@ -199,8 +182,8 @@ def _run(key: tuple, compile: bool, x: Tensor, cos_p: Tensor, sin_p: Tensor, out
     if not compile or key in _failed:
         return fused_rotate(x, cos_p, sin_p, out, rotary_dim, interleaved)
 
-    def run(*args):
-        return _pass_for(key, args[:4])(*args)
+    def run(xp, cos_p, sin_p, out_p, interleaved_):
+        return _pass_for(key, xp, out_p)(xp, cos_p, sin_p, out_p, interleaved_)
     try:
         return fused_rotate(x, cos_p, sin_p, out, rotary_dim, interleaved, run=run)
     except Exception as err:  # no C++ compiler...: say so once, run the same maths eagerly
