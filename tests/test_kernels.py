@@ -109,6 +109,22 @@ def test_output_pool_never_hands_out_a_buffer_still_in_use():
     assert not cpu._pool  # nothing referenced any more: clear_cache drops every buffer
 
 
+def test_output_pool_makes_room_by_dropping_free_buffers_oldest_first(monkeypatch):
+    cpu.clear_cache()
+    mb = 2**20
+    monkeypatch.setattr(cpu, "OUTPUT_POOL_BYTES", 12 * mb)
+    four, eight = torch.empty(mb, dtype=torch.float32), torch.empty(2 * mb, dtype=torch.float32)
+    held = cpu.empty_output(four)  # 4 MiB, held
+    dropped_ptr = cpu.empty_output(four).data_ptr()  # 4 MiB, free at once
+    assert len(cpu._pool) == 2
+    big = cpu.empty_output(eight)  # 8 MiB: room is made by dropping the free 4 MiB buffer, not the held one
+    assert [b.numel() for b in cpu._pool] == [mb, 2 * mb]
+    assert cpu._pool[0].data_ptr() == held.data_ptr() and cpu._pool[1].data_ptr() == big.data_ptr()
+    assert dropped_ptr not in [b.data_ptr() for b in cpu._pool]
+    del held, big
+    cpu.clear_cache()
+
+
 def test_large_output_with_autograd_is_not_pooled_and_has_right_gradients():
     cpu.clear_cache()
     f = ropekit.frequencies(RopeConfig(head_dim=128, method="linear", factor=2.0))

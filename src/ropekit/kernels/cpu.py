@@ -106,11 +106,21 @@ def empty_output(x: Tensor) -> Tensor:
     if nbytes < HUGE_PAGE_MIN_BYTES or not x.is_contiguous() or x.device.type != "cpu":
         return torch.empty_like(x)
     with _pool_lock:
-        for buf in _pool:
+        for i, buf in enumerate(_pool):
             if buf.dtype == x.dtype and buf.numel() == x.numel() and _storage_users(buf) == 1:
+                _pool.append(_pool.pop(i))  # most recently used last
                 return buf.view(x.shape)
         flat = _huge_page_empty_like(x.reshape(-1))  # the pool keeps the base, callers get views of it
-        if nbytes + sum(b.numel() * b.element_size() for b in _pool) <= OUTPUT_POOL_BYTES:
+        # Make room by dropping free buffers, least recently used first (shapes of an earlier model or run).
+        used = sum(b.numel() * b.element_size() for b in _pool)
+        keep = []
+        for buf in _pool:  # oldest first
+            if used + nbytes > OUTPUT_POOL_BYTES and _storage_users(buf) == 1:
+                used -= buf.numel() * buf.element_size()
+            else:
+                keep.append(buf)
+        _pool[:] = keep
+        if used + nbytes <= OUTPUT_POOL_BYTES:
             _pool.append(flat)
         return flat.view(x.shape)
 
