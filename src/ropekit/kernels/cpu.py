@@ -209,22 +209,25 @@ def _run(key: tuple, compile: bool, x: Tensor, cos_p: Tensor, sin_p: Tensor, out
 # small reused scratch buffer that stays in cache, then copied back; memory traffic stays one read and one
 # write of q and k.
 INPLACE_CHUNK_BYTES = 4 * 2**20
-_scratch: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_scratch = threading.local()  # per thread: two threads rotating in place must not share a scratch buffer
 
 
 def _scratch_like(part: Tensor) -> Tensor:
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = OrderedDict()
     key = (tuple(part.shape), part.dtype)
-    buf = _scratch.get(key)
+    buf = buffers.get(key)
     if buf is None:
-        buf = _scratch[key] = torch.empty(part.shape, dtype=part.dtype)
-        while len(_scratch) > 2:
-            _scratch.popitem(last=False)
+        buf = buffers[key] = torch.empty(part.shape, dtype=part.dtype)
+        while len(buffers) > 2:
+            buffers.popitem(last=False)
     return buf
 
 
 def _heads_per_chunk(heads: int, bytes_per_head: int) -> int:
     """The largest divisor of ``heads`` whose chunk fits INPLACE_CHUNK_BYTES (1 when one head is larger):
-    equal chunks, so one compiled shape serves every chunk."""
+    equal chunks, so one scratch buffer serves every chunk."""
     best = 1
     for n in range(1, heads + 1):
         if heads % n == 0 and n * bytes_per_head <= INPLACE_CHUNK_BYTES:
@@ -287,7 +290,7 @@ def clear_cache() -> None:
     """Drop the cached cos/sin tables, the in-place scratch buffers and the output pool's free buffers."""
     _table_cache.clear()
     _pair_cache.clear()
-    _scratch.clear()
+    _scratch.buffers = OrderedDict()  # this thread's; other threads' go with their threads
     with _pool_lock:
         _pool[:] = [buf for buf in _pool if _storage_users(buf) > 1]
 
