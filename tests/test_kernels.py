@@ -86,6 +86,36 @@ def test_inplace_in_several_chunks_heads_first_and_last(monkeypatch):
     assert cpu._heads_per_chunk(6, 1024) == 3 and cpu._heads_per_chunk(7, 1024) == 1  # equal chunks only
 
 
+def test_inplace_from_two_threads_at_once(monkeypatch):
+    """Each thread has its own scratch buffer: concurrent in-place rotations do not mix."""
+    import threading
+
+    monkeypatch.setattr(cpu, "INPLACE_CHUNK_BYTES", 4096)
+    f = ropekit.frequencies(RopeConfig(head_dim=32, method="linear", factor=2.0))
+    gen = torch.Generator().manual_seed(9)
+    tensors = [torch.randn(2, 6, 16, 32, generator=gen) for _ in range(4)]
+    refs = [ropekit.apply_rotary(t, None, f, 7, backend="reference")[0] for t in tensors]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                x = tensors[i].clone()
+                cos, sin = cpu.tables(f, 7, resolve_positions(7, 2, 16, x.device), 1.0, False)
+                cpu.rotate_qk(x, None, cos, sin, rotary_dim=32, interleaved=False, heads_first=True,
+                              inplace=True, compile=False)
+                torch.testing.assert_close(x, refs[i], atol=1e-5, rtol=1e-5)
+        except Exception as err:  # reported in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
 def test_output_pool_never_hands_out_a_buffer_still_in_use():
     cpu.clear_cache()
     x = torch.randn(cpu.HUGE_PAGE_MIN_BYTES // 4)  # fp32: exactly the pooling threshold
