@@ -70,10 +70,12 @@ def test_eval_ppl_writes_json_csv_png(tiny_folder, text_file, tmp_path):
 
 def test_eval_passkey_and_needle(tiny_folder, text_file, tmp_path):
     result = invoke("eval", "passkey", tiny_folder, "--method", "yarn", "--factor", "2", "--lengths", "400",
-                    "--depths", "0,1", "--out", tmp_path / "pk")
+                    "--depths", "0,1", "--mscale", "0.5", "--no-truncate", "--out", tmp_path / "pk")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "pk" / "passkey.json").read_text())
     assert [r["label"] for r in data["results"]] == ["default", "yarn x2"]
+    rope = data["results"][1]["rope"]
+    assert rope["mscale"] == 0.5 and rope["truncate"] is False  # the method options reach passkey too
     assert data["results"][0]["depths"] == [0.0, 1.0] and (tmp_path / "pk" / "passkey.png").is_file()
     result = invoke("eval", "needle", tiny_folder, "--haystack", text_file, "--method", "ntk", "--factor", "2",
                     "--lengths", "400", "--depths", "0.5", "--json", tmp_path / "needle.json")

@@ -100,6 +100,14 @@ def method_runs(base_cfg, methods: str, factor: float | None, *, baseline: bool,
     return runs
 
 
+def runs_and_lengths(base_cfg, methods: str, factor: float | None, lengths: str | None, *, baseline: bool,
+                     factors_file=None, **options: Any) -> tuple[list, list[int]]:
+    """``method_runs`` and the ``--lengths`` to measure (default: the trained length and twice it)."""
+    runs = method_runs(base_cfg, methods, factor, baseline=baseline, factors_file=factors_file, **options)
+    trained = base_cfg.original_max_position
+    return runs, (parse_ints(lengths, "--lengths") if lengths else [n for n in (trained, 2 * trained) if n])
+
+
 def _load(model: str | None, device: str, dtype: str | None):
     return load_model_or_exit(model, device=device, dtype=dtype)
 
@@ -160,10 +168,8 @@ def ppl_command(
         error_exit(f"--data: no such file or folder: {data}")
     loaded = _load(model, device, dtype)
     try:
-        runs = method_runs(loaded.rope, method, factor, baseline=not no_baseline, factors_file=factors_file,
-                           **options)
-        trained = loaded.rope.original_max_position
-        length_list = parse_ints(lengths, "--lengths") if lengths else [n for n in (trained, 2 * trained) if n]
+        runs, length_list = runs_and_lengths(loaded.rope, method, factor, lengths, baseline=not no_baseline,
+                                             factors_file=factors_file, **options)
         if not length_list:
             raise ValueError("--lengths: required (the model's trained length is unknown)")
         longest = max(length_list)
@@ -174,12 +180,12 @@ def ppl_command(
     except (ValueError, FileNotFoundError) as exc:
         error_exit(str(exc))
     typer.echo(report.perplexity_markdown(results))
-    payload = report.perplexity_payload(loaded.source, results, trained_length=trained)
+    payload = report.perplexity_payload(loaded.source, results, trained_length=loaded.rope.original_max_position)
     _write_outputs(out, json_path, payload, {
         "ppl.json": None,
         "ppl.csv": lambda p: report.write_text_atomic(p, report.csv_text(report.perplexity_rows(results))),
         "ppl.md": lambda p: report.write_text_atomic(p, report.perplexity_markdown(results)),
-        "ppl.png": lambda p: report.plot_bucket_ppl(results, p, trained_length=trained,
+        "ppl.png": lambda p: report.plot_bucket_ppl(results, p, trained_length=loaded.rope.original_max_position,
                                                     title=f"{Path(loaded.source).name}: perplexity by position"),
     })
 
@@ -215,6 +221,9 @@ def passkey_command(
     beta_fast: BetaFastOpt = None,
     beta_slow: BetaSlowOpt = None,
     attention_factor: AttentionFactorOpt = None,
+    mscale: MscaleOpt = None,
+    mscale_all_dim: MscaleAllDimOpt = None,
+    truncate: TruncateOpt = None,
     original_length: OriginalLengthOpt = None,
     low_freq_factor: LowFreqOpt = None,
     high_freq_factor: HighFreqOpt = None,
@@ -226,15 +235,13 @@ def passkey_command(
     """Passkey retrieval (a 5-digit key in filler text, greedy answer): accuracy over depth x length."""
     from ropekit.evaluation.passkey import evaluate_passkey
 
-    options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor,
-                   original_length=original_length, low_freq_factor=low_freq_factor,
-                   high_freq_factor=high_freq_factor, new_base=new_base)
+    options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,
+                   mscale_all_dim=mscale_all_dim, truncate=truncate, original_length=original_length,
+                   low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base)
     loaded = _load(model, device, dtype)
     try:
-        runs = method_runs(loaded.rope, method, factor, baseline=not no_baseline, factors_file=factors_file,
-                           **options)
-        trained = loaded.rope.original_max_position
-        length_list = parse_ints(lengths, "--lengths") if lengths else [n for n in (trained, 2 * trained) if n]
+        runs, length_list = runs_and_lengths(loaded.rope, method, factor, lengths, baseline=not no_baseline,
+                                             factors_file=factors_file, **options)
         results = evaluate_passkey(loaded.model, loaded.tokenizer, runs, length_list,
                                    parse_floats(depths, "--depths"), trials, seed=seed)
     except (ValueError, FileNotFoundError) as exc:
@@ -262,6 +269,9 @@ def needle_command(
     beta_fast: BetaFastOpt = None,
     beta_slow: BetaSlowOpt = None,
     attention_factor: AttentionFactorOpt = None,
+    mscale: MscaleOpt = None,
+    mscale_all_dim: MscaleAllDimOpt = None,
+    truncate: TruncateOpt = None,
     original_length: OriginalLengthOpt = None,
     low_freq_factor: LowFreqOpt = None,
     high_freq_factor: HighFreqOpt = None,
@@ -274,17 +284,15 @@ def needle_command(
     from ropekit.evaluation.data import load_documents
     from ropekit.evaluation.needle import evaluate_needle
 
-    options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor,
-                   original_length=original_length, low_freq_factor=low_freq_factor,
-                   high_freq_factor=high_freq_factor, new_base=new_base)
+    options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,
+                   mscale_all_dim=mscale_all_dim, truncate=truncate, original_length=original_length,
+                   low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base)
     if haystack is not None and haystack != "stdlib" and not Path(haystack).exists():
         error_exit(f"--haystack: no such file or folder: {haystack}")
     loaded = _load(model, device, dtype)
     try:
-        runs = method_runs(loaded.rope, method, factor, baseline=not no_baseline, factors_file=factors_file,
-                           **options)
-        trained = loaded.rope.original_max_position
-        length_list = parse_ints(lengths, "--lengths") if lengths else [n for n in (trained, 2 * trained) if n]
+        runs, length_list = runs_and_lengths(loaded.rope, method, factor, lengths, baseline=not no_baseline,
+                                             factors_file=factors_file, **options)
         results = evaluate_needle(loaded.model, loaded.tokenizer, load_documents(haystack), runs, length_list,
                                   parse_floats(depths, "--depths"), trials, seed=seed, needle=needle,
                                   question=question, answer=answer)
