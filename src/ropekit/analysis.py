@@ -278,6 +278,23 @@ def _pyplot():
     return plt
 
 
+def _mark_lengths(line, report: RopeReport) -> None:
+    """The trained and target lengths as reference lines (``line``: ax.axhline or ax.axvline)."""
+    line(report.trained_length, color="tab:red", linestyle="--", linewidth=1,
+         label=f"trained length {report.trained_length}")
+    line(report.target_length, color="tab:gray", linestyle=":", linewidth=1,
+         label=f"target length {report.target_length}")
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_wavelengths(report: RopeReport, path: str | Path) -> Path:
     """Wavelength of each pair per method (log scale), trained and target lengths marked; writes a PNG."""
     plt = _pyplot()
@@ -286,22 +303,14 @@ def plot_wavelengths(report: RopeReport, path: str | Path) -> Path:
     for view in report.methods:
         style = dict(linewidth=2.4, color="black") if view.name == "default" else dict(linewidth=1.3)
         ax.plot(pairs, view.wavelengths.numpy(), label=view.name, **style)
-    ax.axhline(report.trained_length, color="tab:red", linestyle="--", linewidth=1,
-               label=f"trained length {report.trained_length}")
-    ax.axhline(report.target_length, color="tab:gray", linestyle=":", linewidth=1,
-               label=f"target length {report.target_length}")
+    _mark_lengths(ax.axhline, report)
     ax.set_yscale("log")
     ax.set_xlabel("pair index i")
     ax.set_ylabel("wavelength 2π/θ_i (tokens)")
     ax.set_title(f"{report.name}: RoPE wavelengths per method (factor {report.factor:g})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_decay(report: RopeReport, path: str | Path) -> Path:
@@ -312,19 +321,11 @@ def plot_decay(report: RopeReport, path: str | Path) -> Path:
     for name, curve in report.decay.items():
         style = dict(linewidth=2.4, color="black") if name == "default" else dict(linewidth=1.1, alpha=0.9)
         ax.plot(d[1:], curve.numpy()[1:], label=name, **style)
-    ax.axvline(report.trained_length, color="tab:red", linestyle="--", linewidth=1,
-               label=f"trained length {report.trained_length}")
-    ax.axvline(report.target_length, color="tab:gray", linestyle=":", linewidth=1,
-               label=f"target length {report.target_length}")
+    _mark_lengths(ax.axvline, report)
     ax.set_xscale("log")
     ax.set_xlabel("relative distance m (tokens)")
     ax.set_ylabel("relative upper bound of |q·k|")
     ax.set_title(f"{report.name}: long-term decay (RoFormer 3.4.3)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)

@@ -170,16 +170,22 @@ def _ropekit(backend: str, inplace: bool = False, cold: bool = False):
     return build
 
 
-def _transformers(case: Case):
+def _hf_cos_sin(case: Case):
+    """transformers' Llama rotary module for the case's shape, and the (batch, seq) positions it takes."""
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     s = case.shape
     hc = LlamaConfig(hidden_size=s.q_heads * s.head_dim, num_attention_heads=s.q_heads,
                      num_key_value_heads=s.kv_heads, head_dim=s.head_dim, rope_theta=10000.0,
                      max_position_embeddings=max(s.max_position, s.seq))
-    emb = LlamaRotaryEmbedding(hc).to(case.device)
-    pos = case.positions.expand(s.batch, s.seq)
+    return LlamaRotaryEmbedding(hc).to(case.device), case.positions.expand(s.batch, s.seq)
+
+
+def _transformers(case: Case):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    emb, pos = _hf_cos_sin(case)
 
     def fn():  # cos/sin construction included, as a model's forward does it
         cos, sin = emb(case.q, pos)
@@ -226,15 +232,8 @@ def _liger(case: Case):
     if case.device.type != "cuda":
         raise RuntimeError("GPU only")
     from liger_kernel.ops.rope import LigerRopeFunction
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    s = case.shape
-    hc = LlamaConfig(hidden_size=s.q_heads * s.head_dim, num_attention_heads=s.q_heads,
-                     num_key_value_heads=s.kv_heads, head_dim=s.head_dim, rope_theta=10000.0,
-                     max_position_embeddings=max(s.max_position, s.seq))
-    emb = LlamaRotaryEmbedding(hc).to(case.device)
-    pos = case.positions.expand(s.batch, s.seq)
+    emb, pos = _hf_cos_sin(case)
 
     def fn():  # cos/sin construction included (Liger takes transformers' tables)
         cos, sin = emb(case.q, pos)
