@@ -99,6 +99,19 @@ def test_local_rotation_of_a_shard_is_wrong_without_global_positions():
     assert not torch.allclose(naive, full_q[:, :, 8:], atol=1e-3)
 
 
+def test_shutdown_ends_only_a_group_its_context_created(tmp_path):
+    shutdown_distributed(DistContext())  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shutdown_distributed(DistContext(owns_group=False))  # someone else's group stays
+        assert dist.is_initialized()
+        shutdown_distributed(DistContext(owns_group=True))  # barrier, then destroy
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------- 2 processes on gloo
 def _free_port() -> int:
     with socket.socket() as s:
