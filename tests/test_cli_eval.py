@@ -60,10 +60,13 @@ def test_eval_ppl_writes_json_csv_png(tiny_folder, text_file, tmp_path):
     for r in data["results"]:
         assert r["bucket_size"] == 32 and len(r["bucket_ppl"]) == r["length"] // 32
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
-    assert sorted(p.name for p in out.iterdir()) == ["ppl.csv", "ppl.json", "ppl.md", "ppl.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".ropekit-output.json", "ppl.csv", "ppl.json", "ppl.md", "ppl.png"]
     assert "| default |" in result.output
     no_base = invoke("eval", "ppl", tiny_folder, "--method", "linear", "--factor", "2", "--lengths", "64",
                      "--data", text_file, "--no-baseline", "--json", json_path)
+    assert no_base.exit_code == 2 and "--json" in no_base.output and "--overwrite" in no_base.output
+    no_base = invoke("eval", "ppl", tiny_folder, "--method", "linear", "--factor", "2", "--lengths", "64",
+                     "--data", text_file, "--no-baseline", "--json", json_path, "--overwrite")
     assert no_base.exit_code == 0, no_base.output
     assert [r["method"] for r in json.loads(json_path.read_text())["results"]] == ["linear"]
 

@@ -115,7 +115,8 @@ def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):
     options = CompareOptions(target_length=512, data=data, bucket_size=128, passkey_depths=(0.0, 1.0),
                              passkey_trials=1, progress=False)
     rep = run_compare(loaded, options, out)
-    assert sorted(p.name for p in out.iterdir()) == ["passkey.csv", "passkey.png", "perplexity.csv",
+    assert sorted(p.name for p in out.iterdir()) == [".ropekit-output.json", "passkey.csv", "passkey.png",
+                                                    "perplexity.csv",
                                                     "perplexity.png", "results.json", "summary.md"]
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "tiny-llama" and results["trained_length"] == 256 and results["factor"] == 2.0

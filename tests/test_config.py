@@ -254,3 +254,103 @@ def test_with_method_derives_the_new_target_length():
     assert trained.with_method("yarn", factor=2.0, max_position=20000).target_length == 20000
     only_max = RopeConfig(head_dim=64, max_position=4096)
     assert only_max.with_method("linear", factor=4.0).target_length == 16384
+
+
+# ---------------------------------------------------------------------- trained length and extend
+SMOL = RopeConfig(head_dim=64, base=1e5, original_max_position=8192, max_position=8192)
+
+
+def test_trained_length_has_one_definition():
+    assert SMOL.trained_length == 8192
+    assert RopeConfig(head_dim=64, max_position=4096).trained_length == 4096  # unscaled: max_position is L
+    # Scaled, max_position is the target, not the trained length: unknown without original_max_position.
+    assert RopeConfig(head_dim=64, method="linear", factor=2.0, max_position=8192).trained_length is None
+    assert RopeConfig(head_dim=64, method="linear", factor=2.0, original_max_position=100).trained_length == 100
+    assert RopeConfig(head_dim=64).trained_length is None
+
+
+def test_extend_sets_factor_target_and_trained_length():
+    yarn = SMOL.extend("yarn", 2.0)
+    assert (yarn.method, yarn.factor, yarn.trained_length, yarn.target_length) == ("yarn", 2.0, 8192, 16384)
+    by_target = SMOL.extend("yarn", target_length=12288)
+    assert (by_target.factor, by_target.target_length) == (1.5, 12288)
+    assert SMOL.extend("yarn", 1.5, target_length=12288) == by_target
+    assert SMOL.extend("pi", 4.0).method == "linear"  # aliases of other tools
+    # From an unscaled config that only states max_position, that length is the trained one.
+    assert RopeConfig(head_dim=64, max_position=4096).extend("linear", 4.0).target_length == 16384
+    # Re-extending a scaled config starts again from the trained length, and another method clears the old
+    # method's parameters; the same method keeps them.
+    tuned = yarn.extend("yarn", 4.0, beta_fast=16.0)
+    assert (tuned.factor, tuned.target_length, tuned.beta_fast) == (4.0, 32768, 16.0)
+    assert tuned.extend("yarn", 2.0).beta_fast == 16.0
+    assert tuned.extend("dynamic", 2.0).beta_fast is None
+    plain = tuned.extend("default")
+    assert (plain.method, plain.factor, plain.trained_length, plain.target_length) == ("default", None, 8192, 8192)
+    assert SMOL.extend("default", 1.0) == SMOL.extend("default")
+    assert SMOL.extend("base", new_base=5e5).new_base == 5e5
+    assert SMOL.extend("yarn", 2.0, original_max_position=4096).target_length == 8192  # trained length override
+    assert SMOL.extend("dynamic_yarn", 2.0).length_dependent
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: SMOL.extend("default", 2.0), r"^factor: method 'default' \(plain RoPE, no scaling\) takes no factor"),
+    (lambda: SMOL.extend("base", 2.0, new_base=5e5), r"^factor: method 'base' takes new_base, not a factor"),
+    (lambda: SMOL.extend("base"), r"^new_base: required by method 'base' \(the new rope_theta"),
+    (lambda: SMOL.extend("yarn"), r"^factor: required by method 'yarn' \(the target length over the trained "
+                                  r"length 8192; or give target_length\)"),
+    (lambda: SMOL.extend("linear", 2.0, beta_fast=16.0), r"^beta_fast: not used by method 'linear'; it is a "
+                                                         r"parameter of: yarn, dynamic_yarn"),
+    (lambda: SMOL.extend("yarn", 2.0, new_base=5e5), r"^new_base: not used by method 'yarn'; it is a parameter of: base"),
+    (lambda: SMOL.extend("yarn", 2.0, max_position=5), r"^max_position: pass target_length"),
+    (lambda: SMOL.extend("yarn", 2.0, colour=3), r"^colour: not a parameter of any method"),
+    (lambda: SMOL.extend("magic", 2.0), r"^method: unknown scaling method 'magic'; accepted: default"),
+    (lambda: SMOL.extend("yarn", float("inf")), r"^factor: must be a finite number, got inf"),
+    (lambda: SMOL.extend("yarn", float("nan")), r"^factor: must be a finite number, got nan"),
+    (lambda: SMOL.extend("yarn", 2.0, beta_fast=float("nan")), r"^beta_fast: must be a finite number"),
+    (lambda: SMOL.extend("yarn", 0.5), r"^factor: must be >= 1"),
+    (lambda: SMOL.extend("yarn", 2.0, target_length=20000), r"^target_length: 20000 disagrees with factor 2 x "
+                                                            r"trained length 8192 = 16384"),
+    (lambda: SMOL.extend("yarn", target_length=4096), r"^target_length: must be >= the trained length 8192"),
+    (lambda: SMOL.extend("yarn", 2.0, beta_fast=1.0, beta_slow=2.0), r"^beta_fast: must be > beta_slow"),
+    (lambda: SMOL.extend("longrope", 2.0), r"^short_factor: required by method 'longrope' \(.*rotary_dim/2 = 32 "
+                                           r"numbers\)"),
+    (lambda: SMOL.extend("longrope", 2.0, short_factor=[1.0] * 31, long_factor=[1.0] * 32),
+     r"^short_factor: needs rotary_dim/2 = 32 entries"),
+    (lambda: SMOL.extend("yarn", 2.0, factors_file="x.json"), r"^factors_file: only used by method longrope, not yarn"),
+    (lambda: RopeConfig(head_dim=64).extend("yarn", 2.0), r"^original_max_position: required by method 'yarn'; "
+                                                         r"the config does not say its trained length"),
+    (lambda: RopeConfig(head_dim=64).extend("linear", target_length=100), r"^target_length: the trained length is "
+                                                                          r"unknown"),
+])
+def test_extend_errors_start_with_the_field(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_extend_reads_a_longrope_factors_file(tmp_path):
+    path = tmp_path / "factors.json"
+    path.write_text('{"rope_scaling": {"short_factor": %s, "long_factor": %s, "n_hat": 3}}'
+                    % ([1.0] * 32, [2.0] * 32))
+    cfg = SMOL.extend("longrope", 4.0, factors_file=path)
+    assert cfg.long_factor == (2.0,) * 32 and cfg.n_hat == 3 and cfg.target_length == 32768
+    assert SMOL.extend("longrope", 4.0, factors_file=path, n_hat=0).n_hat == 0  # given values win over the file's
+    from ropekit.methods import read_factors_file
+
+    assert read_factors_file(path)["n_hat"] == 3
+    with pytest.raises(FileNotFoundError, match="^factors_file: .* not found"):
+        SMOL.extend("longrope", 4.0, factors_file=tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="^factors_file: .* is not valid JSON"):
+        read_factors_file(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ValueError, match="^factors_file: .* must hold a JSON object with 'short_factor'"):
+        read_factors_file(tmp_path / "empty.json")
+
+
+def test_extend_agrees_with_with_method_where_both_apply():
+    for name, params in [("linear", {}), ("yarn", {"beta_fast": 16.0}), ("llama3", {"low_freq_factor": 2.0}),
+                         ("dynamic", {})]:
+        extended, old = SMOL.extend(name, 2.0, **params), SMOL.with_method(name, factor=2.0, **params)
+        # with_method leaves the target to be derived; extend states it: the same length either way.
+        assert extended.max_position == extended.target_length == old.target_length == 16384
+        assert extended.replace(max_position=None) == old

@@ -90,7 +90,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(ValueError, match=r"not empty and holds files ropekit did not write \(keep.txt\)"):
         export_model(model, cfg, target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
 
@@ -110,9 +110,32 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of a temp folder
-    assert "keep.txt" not in {p.name for p in target.iterdir()}
+    assert (target / "keep.txt").read_text() == "mine"  # --overwrite writes beside a user's file, never over it
     assert json.loads((target / "ropekit.json").read_text())["rope"]["method"] == "yarn"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folders left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_gives_files_and_folders_ordinary_permissions(tmp_path, umask):
+    """Every file 0o666 & ~umask and every folder 0o777 & ~umask, as open()/mkdir() would make them
+    (transformers writes model.safetensors through a private 0600 temporary file)."""
+    model = make_tiny_model("llama")
+    cfg = build_rope_config(RopeConfig.from_hf(model.config), "yarn", 2.0)
+    previous = os.umask(umask)
+    try:
+        out = export_model(model, cfg, tmp_path / "out" / "nested")
+    finally:
+        os.umask(previous)
+    seen = {}
+    for root, dirs, files in os.walk(out):
+        seen[root] = os.stat(root).st_mode & 0o777
+        for name in files:
+            seen[os.path.join(root, name)] = os.stat(os.path.join(root, name)).st_mode & 0o777
+    assert str(out / "model.safetensors") in seen and str(out / "config.json") in seen
+    wrong = {path: oct(mode) for path, mode in seen.items()
+             if mode != (0o777 if os.path.isdir(path) else 0o666) & ~umask}
+    assert not wrong, f"umask {oct(umask)}: {wrong}"
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # a parent export_model created
 
 
 def test_export_refuses_methods_transformers_lacks_before_writing(tmp_path):
@@ -205,11 +228,15 @@ def test_cli_export_missing_model_and_non_empty_out(tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_export_loads_in_plain_transformers(smollm2, stdlib_text, tmp_path):
     cfg = build_rope_config(smollm2.rope, "yarn", 2.0)
+    # transformers 5.24 marks a GGUF-loaded model as quantized (export lifts the marks while saving); 5.0
+    # does not. Either way the model must come back as it was.
+    marks = (smollm2.model.__dict__.get("hf_quantizer"), getattr(smollm2.model.config, "quantization_config", None))
     out = export_model(smollm2, cfg, tmp_path / "smollm2-yarn2")
     config = json.loads((out / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "yarn" and config["max_position_embeddings"] == 16384
     assert "quantization_config" not in config  # an ordinary float checkpoint
-    assert hasattr(smollm2.model, "hf_quantizer") and smollm2.model.hf_quantizer is not None  # marks restored
+    assert smollm2.model.__dict__.get("hf_quantizer") is marks[0]  # marks restored
+    assert getattr(smollm2.model.config, "quantization_config", None) is marks[1]
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
     ids = smollm2.tokenizer(stdlib_text, return_tensors="pt")["input_ids"][:, :512]
     with apply_rope(smollm2.model, cfg), torch.no_grad():

@@ -138,7 +138,7 @@ def test_output_pool_never_hands_out_a_buffer_still_in_use():
     assert cpu.empty_output(x).data_ptr() == b_ptr  # the view is gone: b's buffer is free
     del arr, c, e
     cpu.clear_cache()
-    assert not cpu._pool  # nothing referenced any more: clear_cache drops every buffer
+    assert cpu.cache_info().pool == ()  # nothing referenced any more: clear_cache drops every buffer
 
 
 def test_output_pool_makes_room_by_dropping_free_buffers_oldest_first(monkeypatch):
@@ -148,11 +148,12 @@ def test_output_pool_makes_room_by_dropping_free_buffers_oldest_first(monkeypatc
     four, eight = torch.empty(mb, dtype=torch.float32), torch.empty(2 * mb, dtype=torch.float32)
     held = cpu.empty_output(four)  # 4 MiB, held
     dropped_ptr = cpu.empty_output(four).data_ptr()  # 4 MiB, free at once
-    assert len(cpu._pool) == 2
+    assert len(cpu.cache_info().pool) == 2
     big = cpu.empty_output(eight)  # 8 MiB: room is made by dropping the free 4 MiB buffer, not the held one
-    assert [b.numel() for b in cpu._pool] == [mb, 2 * mb]
-    assert cpu._pool[0].data_ptr() == held.data_ptr() and cpu._pool[1].data_ptr() == big.data_ptr()
-    assert dropped_ptr not in [b.data_ptr() for b in cpu._pool]
+    pool = cpu.cache_info().pool
+    assert [b.numel for b in pool] == [mb, 2 * mb] and all(b.in_use for b in pool)
+    assert pool[0].data_ptr == held.data_ptr() and pool[1].data_ptr == big.data_ptr()
+    assert dropped_ptr not in [b.data_ptr for b in pool]
     del held, big
     cpu.clear_cache()
 
@@ -162,7 +163,7 @@ def test_large_output_with_autograd_is_not_pooled_and_has_right_gradients():
     f = ropekit.frequencies(RopeConfig(head_dim=128, method="linear", factor=2.0))
     q = torch.randn(1, 8, 1024, 128, requires_grad=True)  # 4 MiB: large enough for the pool
     out, _ = ropekit.apply_rotary(q, None, f, backend="cpu")
-    assert all(not buf.requires_grad and buf.grad_fn is None for buf in cpu._pool)
+    assert out.data_ptr() not in [b.data_ptr for b in cpu.cache_info().pool]  # autograd outputs are not pooled
     weight = torch.randn_like(out)
     (out * weight).sum().backward()
     expected = ropekit.apply_rotary(weight, None, f, backend="reference", inverse=True)[0]
@@ -181,10 +182,13 @@ def test_compiled_pass_writes_every_element_of_a_poisoned_pooled_output(layout, 
     pos = torch.randint(0, 4_000_000, (1, 1024), generator=gen)
     rq, rk = ropekit.apply_rotary(q, k, f, pos, backend="reference")
     for _ in range(3):
-        for buf in cpu._pool:
+        # take every free pooled buffer (as many outputs as the pool holds), poison it, give it back
+        poisoned = [cpu.empty_output(q) for _ in range(max(2, len(cpu.cache_info().pool)))]
+        for buf in poisoned:
             buf.fill_(float("nan"))
+        del poisoned, buf
         oq, ok = ropekit.apply_rotary(q, k, f, pos, backend="cpu")
-        assert any(oq.data_ptr() == buf.data_ptr() for buf in cpu._pool)
+        assert oq.data_ptr() in [b.data_ptr for b in cpu.cache_info().pool]
         assert torch.equal(oq, rq) and torch.equal(ok, rk)  # bit for bit, no NaN left
         del oq, ok
     cpu.clear_cache()
@@ -193,12 +197,12 @@ def test_compiled_pass_writes_every_element_of_a_poisoned_pooled_output(layout, 
 def test_one_compiled_pass_serves_every_length():
     cpu.clear_cache()
     f = ropekit.frequencies(RopeConfig(head_dim=64))
-    before = len(cpu._compiled_passes)
+    before = cpu.cache_info().compiled_passes
     for seq in (1024, 1500, 2049):  # 2**18+ elements: the auto backend's cpu path
         q = torch.randn(1, 4, seq, 64)
         out, _ = ropekit.apply_rotary(q, None, f)
         _close(out, ropekit.apply_rotary(q, None, f, backend="reference")[0], torch.float32)
-    assert len(cpu._compiled_passes) <= before + 1
+    assert cpu.cache_info().compiled_passes <= before + 1
 
 
 def test_compiled_default_path_fp32_bf16_gqa_one_head_seq1():
@@ -249,6 +253,18 @@ def test_table_cache_keys_on_positions_and_notices_in_place_edits():
     # int offsets key by value
     p5 = resolve_positions(5, 1, 3, torch.device("cpu"))
     assert cpu.tables(f, 5, p5, 1.0, False)[0] is cpu.tables(f, 5, p5.clone(), 1.0, False)[0]
+
+
+def test_table_cache_tells_packed_positions_from_a_plain_range():
+    """The same tensor sizes with cu_seqlens (positions restart per document) after a call with 0..N-1:
+    the cached cos/sin of the plain range must not be reused."""
+    f = ropekit.frequencies(RopeConfig(head_dim=64))
+    q = torch.randn(1, 8, 512, 64)
+    cu = torch.tensor([0, 100, 512])
+    apply_rotary_fast(q, None, f, backend="cpu")
+    packed = apply_rotary_fast(q, None, f, cu_seqlens=cu, backend="cpu")[0]
+    expected = ropekit.apply_rotary(q, None, f, ropekit.positions_from_cu_seqlens(cu), backend="reference")[0]
+    assert torch.equal(packed, expected)
 
 
 def test_auto_backend_choice_and_errors():
@@ -305,4 +321,24 @@ def test_bench_quick_smoke_json_has_every_row(tmp_path):
     # ropekit's fast rows agree with the reference in the same run
     assert all(r["max_err"] < 1e-5 for r in data["rows"] if r["name"].startswith("ropekit") and r["max_err"] is not None)
     bad = CliRunner().invoke(app, ["bench", "--quick", "--dtypes", "float64"])
-    assert bad.exit_code == 1 and "float64" in bad.output
+    assert bad.exit_code == 2 and "float64" in bad.output  # a usage error (the CLI's convention: exit 2)
+
+
+@pytest.mark.parametrize("heads_first, layout, conjugate", [(True, "neox", False), (False, "gptj", True)])
+def test_rotate_with_tables_takes_the_cpu_pass_bit_for_bit(heads_first, layout, conjugate):
+    """``ropekit.rotate`` (the dispatcher's, tables given) equals the reference rotation exactly on the CPU pass."""
+    from ropekit.rotation import rotate as rotate_reference
+
+    cfg = RopeConfig(head_dim=64, rotary_dim=48, layout=layout)
+    f = ropekit.frequencies(cfg)
+    x = torch.randn(2, 8, 600, 64) if heads_first else torch.randn(2, 600, 8, 64)
+    cos, sin = ropekit.cos_sin(f, torch.arange(600)[None].expand(2, -1))
+    axis = 1 if heads_first else 2
+    cos, sin = cos.unsqueeze(axis), sin.unsqueeze(axis)
+    expected = rotate_reference(x, cos, sin, layout, conjugate)
+    assert torch.equal(ropekit.rotate(x, cos, sin, layout, conjugate, backend="cpu"), expected)
+    assert torch.equal(ropekit.rotate(x, cos, sin, layout, conjugate), expected)  # auto: large enough for cpu
+    with pytest.raises(ValueError, match="backend 'triton': the kernel computes its angles from positions"):
+        ropekit.rotate(x, cos, sin, layout, backend="triton")
+    with pytest.raises(ValueError, match="backend 'cpu': needs a 4-D x"):
+        ropekit.rotate(x[0], cos[0], sin[0], layout, backend="cpu")

@@ -213,3 +213,128 @@ def test_seq_len_is_checked():
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="seq_len: must be a positive integer"):
             frequencies(cfg, bad)
+
+
+# ---------------------------------------------------------------------- the registry as the source of truth
+def test_derived_tables_equal_the_ones_config_used_to_spell_out():
+    from ropekit import config
+    from ropekit.methods import hf_rope_keys, method_fields
+
+    assert set(method_fields()) == {
+        "factor", "original_max_position", "attention_factor", "beta_fast", "beta_slow", "truncate", "mscale",
+        "mscale_all_dim", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor", "n_hat", "new_base"}
+    assert len(method_fields()) == 14 and set(config.METHOD_FIELDS) == set(method_fields())
+    assert config.hf_keys() == config.HF_ROPE_KEYS == {
+        "rope_type": None, "type": None, "rope_theta": None, "partial_rotary_factor": None,
+        "factor": "factor", "original_max_position_embeddings": "original_max_position",
+        "attention_factor": "attention_factor", "beta_fast": "beta_fast", "beta_slow": "beta_slow",
+        "truncate": "truncate", "mscale": "mscale", "mscale_all_dim": "mscale_all_dim",
+        "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+        "short_factor": "short_factor", "long_factor": "long_factor"}
+    assert hf_rope_keys()["original_max_position_embeddings"] == "original_max_position"
+    # The required / accepted fields each method had before they became Params.
+    before = {"default": ((), ()), "linear": (("factor",), ()), "ntk": (("factor",), ()),
+              "dynamic": (("factor", "original_max_position"), ()),
+              "yarn": (("factor", "original_max_position"),
+                       ("beta_fast", "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim")),
+              "dynamic_yarn": (("original_max_position",), ("factor", "beta_fast", "beta_slow", "truncate",
+                                                           "attention_factor", "mscale", "mscale_all_dim")),
+              "llama3": (("factor", "original_max_position"), ("low_freq_factor", "high_freq_factor")),
+              "longrope": (("short_factor", "long_factor", "original_max_position"),
+                           ("factor", "attention_factor", "n_hat")),
+              "base": (("new_base",), ())}
+    for name, (required, accepted) in before.items():
+        spec = ropekit.get_method(name)
+        assert (set(spec.required), set(spec.accepted)) == (set(required), set(accepted)), name
+    # Properties the rest of ropekit reads from the registry instead of lists of names.
+    assert ropekit.method_names(comparable=True) == ropekit.method_names()
+    assert ropekit.method_names(length_dependent=True) == ["dynamic", "dynamic_yarn", "longrope"]
+    assert ropekit.method_names(exportable=False) == ["dynamic_yarn"]
+    assert {n: ropekit.get_method(n).hf_type for n in ropekit.method_names()} == {
+        "default": "default", "linear": "linear", "ntk": None, "dynamic": "dynamic", "yarn": "yarn",
+        "dynamic_yarn": None, "llama3": "llama3", "longrope": "longrope", "base": None}
+    assert {n: ropekit.get_method(n).gguf_type for n in ropekit.method_names() if ropekit.get_method(n).gguf_type} == {
+        "default": "none", "linear": "linear", "yarn": "yarn", "longrope": "longrope"}
+
+
+def test_every_parameter_is_described_once_for_the_cli():
+    from ropekit.methods import parameters
+
+    params = {p.field: (p, users) for p, users in parameters()}
+    assert len(params) == len(parameters())
+    flags = {name: p.flag for name, (p, _) in params.items()}
+    assert flags["beta_fast"] == "--beta-fast" and flags["original_max_position"] == "--original-length"
+    assert flags["new_base"] == "--new-base" and flags["short_factor"] == flags["long_factor"] == "--factors-file"
+    assert params["factor"][1] == ("linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3", "longrope")
+    assert params["new_base"][1] == ("base",)
+    for name, (p, users) in params.items():
+        assert p.help and len(p.help.splitlines()) == 1, name
+        assert p.type in ("float", "int", "bool", "float_list"), name
+        assert users, name
+    # Bounds as declared: factor >= 1, beta_fast > 0, n_hat >= 0.
+    assert (params["factor"][0].minimum, params["factor"][0].exclusive) == (1.0, False)
+    assert (params["beta_fast"][0].minimum, params["beta_fast"][0].exclusive) == (0.0, True)
+    assert params["n_hat"][0].minimum == 0 and params["truncate"][0].default is True
+    for name in ropekit.method_names():
+        spec = ropekit.get_method(name)
+        assert spec.exportable or spec.not_exportable, name
+    # What inspect says about a method: its describe function, else its summary.
+    assert ropekit.get_method("default").description(BASE) == "plain RoPE, no scaling"
+    assert ropekit.get_method("linear").description(BASE.extend("linear", 2.0)) == "positions squeezed by s (PI)"
+    assert ropekit.get_method("base").description(BASE.extend("base", new_base=5e5)) == "base -> 5e+05"
+
+
+@pytest.fixture
+def toy_method():
+    """A method registered by a test: one parameter of its own (no RopeConfig field), inv_freq / alpha."""
+    from ropekit.methods import MethodSpec, Param, register, unregister
+    from ropekit.methods._common import default_inv_freq
+
+    alpha = Param("toy_alpha", "float", "toy: divide every inverse frequency by this", minimum=1.0)
+    spec = register(MethodSpec("toy", lambda cfg, seq_len=None: (default_inv_freq(cfg.base, cfg.rotary_dim)
+                                                                 / cfg.toy_alpha, 1.0),
+                               params=(alpha,), required=("toy_alpha",), comparable=False,
+                               not_exportable="a test method", summary="toy: inv_freq / alpha"))
+    yield spec
+    unregister("toy")
+
+
+def test_a_registered_method_appears_everywhere(toy_method):
+    from ropekit.methods import parameters
+
+    assert "toy" in ropekit.method_names() and "toy" not in ropekit.method_names(comparable=True)
+    assert any(p.field == "toy_alpha" and users == ("toy",) for p, users in parameters())
+    cfg = BASE.extend("toy", toy_alpha=2.0)
+    assert cfg.toy_alpha == 2.0 and cfg.to_dict()["toy_alpha"] == 2.0
+    torch.testing.assert_close(frequencies(cfg).inv_freq64, plain(BASE) / 2, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match=r"^toy_alpha: must be >= 1, got 0.5"):
+        BASE.extend("toy", toy_alpha=0.5)
+    with pytest.raises(ValueError, match=r"^toy_alpha: required by method 'toy'"):
+        BASE.extend("toy")
+    with pytest.raises(ValueError, match=r"^toy_alpha: not used by method 'linear'; it is a parameter of: toy"):
+        BASE.extend("linear", 2.0, toy_alpha=2.0)
+    with pytest.raises(ValueError, match=r"^toy_alpha: required by method 'toy'"):
+        RopeConfig(head_dim=8, method="toy")
+    assert cfg.extend("linear", 2.0).toy_alpha is None  # another method clears it
+    with pytest.raises(ValueError, match=r"^method: transformers has no 'toy' \(a test method\)"):
+        cfg.to_hf()
+    with pytest.raises(ValueError, match="already registered"):
+        from ropekit.methods import register
+
+        register(toy_method)
+
+
+def test_a_shared_parameter_has_one_meaning_and_unregister_removes_a_method():
+    from ropekit.methods import MethodSpec, Param, register, unregister
+
+    other_factor = Param("factor", "float", "a different factor", minimum=0.0)
+    with pytest.raises(ValueError, match="params: 'factor' of 'toy2' differs from the one other methods read"):
+        register(MethodSpec("toy2", lambda cfg, seq_len=None: None, params=(other_factor,),
+                            not_exportable="test", summary="toy"))
+    assert "toy2" not in ropekit.method_names()
+    with pytest.raises(ValueError, match="not_exportable: method 'toy3' has no hf_type or to_hf"):
+        MethodSpec("toy3", lambda cfg, seq_len=None: None, summary="toy")
+    spec = register(MethodSpec("toy4", lambda cfg, seq_len=None: None, not_exportable="test", summary="toy"))
+    assert unregister("toy4") is spec and "toy4" not in ropekit.method_names()
+    with pytest.raises(ValueError, match="method: unknown scaling method 'toy4'"):
+        RopeConfig(head_dim=8, method="toy4")

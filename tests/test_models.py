@@ -6,8 +6,11 @@ unpatched logits; patched with a scaling method they give the logits of transfor
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import math
+import os
 import sys
 
 import pytest
@@ -126,14 +129,22 @@ def test_gptj_scaled_rotation_beyond_its_own_table():
 
 
 # ---------------------------------------------------------------------- positions and the KV cache
+def _cache_of(out):
+    """The KV cache of a forward's output: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _decode_logits(model, ids, prompt_len):
     """Logits of each token after the prompt, fed one at a time through the KV cache: (batch, n, vocab)."""
+    # transformers 5.24 renamed the argument (``past_key_values`` is deprecated there, removed in 5.40).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(ids[:, :prompt_len], use_cache=True)
-        past, steps = out.past_key_values, [out.logits[:, -1]]
+        past, steps = _cache_of(out), [out.logits[:, -1]]
         for t in range(prompt_len, ids.shape[1] - 1):
-            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(ids[:, t:t + 1], use_cache=True, **{name: past})
+            past = _cache_of(out)
             steps.append(out.logits[:, -1])
     return torch.stack(steps, dim=1)
 
@@ -315,6 +326,290 @@ def test_load_model_errors(tmp_path):
 def test_demo_model_path_points_at_the_bundled_gguf():
     path = rk_models.demo_model_path()
     assert path.name == rk_models.DEMO_MODEL and path.is_file() and path.stat().st_size > 50_000_000
+
+
+# ---------------------------------------------------------------------- checks before loading (file system only)
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any weight or tokenizer load fails the test: the checks must come first."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+
+
+def _one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_check_model_source_accepts_a_complete_folder_a_hub_id_and_the_demo(tmp_path, no_loading):
+    _, folder = _save_tiny(tmp_path, "llama")
+    assert rk_models.check_model_source(folder) is None
+    assert rk_models.check_model_source(str(folder)) is None
+    assert rk_models.check_model_source("some-org/some-model") is None  # a hub id: nothing local to check
+    assert rk_models.check_model_source("demo") is None
+    assert rk_models.check_model_source(None) is None
+
+
+def test_folder_without_weights_is_one_line_before_any_loading(tmp_path, no_loading):
+    _, folder = _save_tiny(tmp_path, "llama")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        rk_models.check_model_source(folder)
+    assert _one_line(info) == f"no weights (*.safetensors / pytorch_model.bin) in {folder}"
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load_model(folder, device="cpu")
+
+
+def test_folder_without_weights_is_not_an_oserror_traceback_from_transformers(tmp_path):
+    """Without the check, transformers' own OSError is what the user saw (the loader runs here for real)."""
+    _, folder = _save_tiny(tmp_path, "qwen2")
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        load_model(folder, device="cpu")
+    assert "no weights" in _one_line(info) and str(folder) in str(info.value)
+
+
+def test_folder_without_tokenizer_is_one_line(tmp_path, no_loading):
+    _, folder = _save_tiny(tmp_path, "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError) as info:
+        rk_models.check_model_source(folder)
+    assert _one_line(info).startswith("no tokenizer (tokenizer.json") and str(folder) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_model(folder, device="cpu")
+
+
+def test_damaged_weights_are_one_line(tmp_path, no_loading):
+    _, folder = _save_tiny(tmp_path, "llama")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match="model.safetensors is truncated") as info:
+        rk_models.check_model_source(folder)
+    _one_line(info)
+    weights.write_bytes(b"<html>404 Not Found</html>" * 4)  # not safetensors at all
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        rk_models.check_model_source(folder)
+
+
+def test_sharded_folder_with_a_missing_shard(tmp_path, no_loading):
+    _, folder = _save_tiny(tmp_path, "llama")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="missing 1 weight shard.*model-00002-of-00002.safetensors"):
+        rk_models.check_model_source(folder)
+
+
+def test_config_problems_are_one_line(tmp_path, no_loading):
+    _, folder = _save_tiny(tmp_path, "llama")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON") as info:
+        rk_models.check_model_source(folder)
+    _one_line(info)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="'gpt2' has no rotary"):
+        rk_models.check_model_source(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        rk_models.check_model_source(folder)
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        rk_models.check_model_source(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file but not a .gguf"):
+        rk_models.check_model_source(tmp_path / "notes.txt")
+
+
+def test_unreadable_and_corrupt_gguf_files_are_one_line(tmp_path, no_loading):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 this is a zip, not a GGUF" * 10)
+    with pytest.raises(ValueError, match="is not a GGUF file") as info:
+        rk_models.check_model_source(fake)
+    _one_line(info)
+    # A real GGUF cut short (an interrupted download): its header no longer parses.
+    truncated = tmp_path / "truncated.gguf"
+    with open(rk_models.demo_model_path(), "rb") as fh:
+        truncated.write_bytes(fh.read(200_000))
+    with pytest.raises(ValueError, match="corrupt or truncated GGUF") as info:
+        rk_models.check_model_source(truncated)
+    _one_line(info)
+    with pytest.raises(ValueError, match="corrupt or truncated GGUF"):
+        load_model(truncated, device="cpu")
+    with pytest.raises(FileNotFoundError, match="no-such.gguf"):
+        rk_models.check_model_source(tmp_path, gguf_file="no-such.gguf")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_gguf_file(tmp_path):
+    locked = tmp_path / "locked.gguf"
+    locked.write_bytes(b"GGUF" + bytes(100))
+    locked.chmod(0)
+    with pytest.raises(ValueError, match="cannot read"):
+        rk_models.check_model_source(locked)
+
+
+# ---------------------------------------------------------------------- what the patch needs from transformers
+class _Sinusoids(torch.nn.Module):
+    """A stand-in for a rotary module under another name (as a future transformers might have)."""
+
+    def forward(self, x, position_ids=None, **kwargs):  # pragma: no cover - never reached
+        raise AssertionError
+
+
+def _structure_error(model, cfg=None):
+    import transformers
+
+    with pytest.raises(rk_models.TransformersStructureError) as info:
+        apply_rope(model, cfg or RopeConfig.from_hf(model.config))
+    message = _one_line(info)
+    assert f"transformers {transformers.__version__}" in message
+    assert isinstance(info.value, ValueError)
+    assert rk_models.active_patch(model) is None
+    return message
+
+
+def test_gptj_without_a_known_sin_cos_structure_is_refused_naming_version_and_family():
+    model = make_tiny_model("gptj")
+    # Take away both places transformers has kept GPT-J's sin/cos: the GPTJRotaryEmbedding module (>= 5.24)
+    # and the per-attention table ``embed_positions`` (before).
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding"):
+                setattr(parent, name, _Sinusoids())
+    for module in model.modules():
+        if hasattr(module, "embed_positions"):
+            delattr(module, "embed_positions")
+    message = _structure_error(model)
+    assert message.startswith("gptj: GPT-J keeps its sin/cos neither")
+    assert not any("gptj" in name for name in rk_models._DISPATCHERS)  # nothing was installed
+
+
+def test_rope_family_without_its_rotary_module_is_refused():
+    model = make_tiny_model("llama")
+    model.model.rotary_emb = _Sinusoids()
+    assert _structure_error(model).startswith("llama: found no *RotaryEmbedding module")
+
+
+def test_modeling_module_without_apply_rotary_pos_emb_is_refused(monkeypatch):
+    model = make_tiny_model("mistral")
+    monkeypatch.delattr(sys.modules[type(model.model.rotary_emb).__module__], "apply_rotary_pos_emb")
+    assert "has no apply_rotary_pos_emb" in _structure_error(model)
+
+
+def test_attention_that_stops_calling_apply_rotary_pos_emb_fails_instead_of_silently_falling_back(monkeypatch):
+    """A transformers whose attention rotates through its own reference (not the module's function) would leave
+    the rotation to transformers: the first forward says so instead of returning transformers' numbers."""
+    model = make_tiny_model("qwen2")
+    attn_cls = type(model.model.layers[0].self_attn)
+    module = sys.modules[attn_cls.__module__]
+    original_forward = attn_cls.forward
+
+    def forward_with_its_own_rotation(self, *args, **kwargs):
+        dispatcher = module.apply_rotary_pos_emb
+        module.apply_rotary_pos_emb = getattr(dispatcher, "_ropekit_original", dispatcher)
+        try:
+            return original_forward(self, *args, **kwargs)
+        finally:
+            module.apply_rotary_pos_emb = dispatcher
+
+    monkeypatch.setattr(attn_cls, "forward", forward_with_its_own_rotation)
+    with apply_rope(model, build_rope_config(RopeConfig.from_hf(model.config), "yarn", 2.0)):
+        with pytest.raises(rk_models.TransformersStructureError, match="did not call .*apply_rotary_pos_emb"):
+            _logits(model, _ids(seq=20))
+
+
+def test_gptj_uses_the_layout_transformers_has_today():
+    """Whichever GPT-J structure the installed transformers has, the patch routes every layer through ropekit."""
+    model = make_tiny_model("gptj")
+    has_module = any(type(m).__name__ == "GPTJRotaryEmbedding" for m in model.modules())
+    with apply_rope(model, RopeConfig.from_hf(model.config)) as patch:
+        replaced = any(isinstance(m, rk_models.RopekitRotaryAdapter) for m in model.modules())
+        assert replaced == has_module and patch.adapter.gptj_order == has_module
+    assert not any(isinstance(m, rk_models.RopekitRotaryAdapter) for m in model.modules())
+
+
+# ---------------------------------------------------------------------- quiet output
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_log():
+    """Every record the "transformers" loggers let through (they do not propagate to the root logger)."""
+    handler = _Records()
+    logger = logging.getLogger("transformers")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+def test_loaded_tokenizer_does_not_warn_about_long_texts(tmp_path, transformers_log):
+    from transformers import AutoTokenizer
+
+    _, folder = _save_tiny(tmp_path, "llama")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 16
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    text = " ".join(f"w{i % 200}" for i in range(100))
+    plain = AutoTokenizer.from_pretrained(folder)
+    n = len(plain(text)["input_ids"])
+    assert n >= 100
+    assert any("Token indices sequence length is longer" in m for m in transformers_log)  # the test can fail
+    transformers_log.clear()
+    loaded = load_model(folder, device="cpu")
+    assert len(loaded.tokenizer(text)["input_ids"]) == n  # nothing truncated
+    assert loaded.tokenizer.model_max_length == 16  # unchanged (an export saves it)
+    assert not any("Token indices sequence length" in m for m in transformers_log)
+
+
+def test_generation_past_the_trained_length_reminder_only_while_patched(transformers_log):
+    model = make_tiny_model("llama")  # max_position_embeddings 64
+    ids = _ids(batch=1, seq=70) % 250 + 3
+    cfg = build_rope_config(RopeConfig.from_hf(model.config), "yarn", 2.0)
+
+    def generate():
+        logging.Logger.warning_once.cache_clear()  # transformers prints it once per process
+        transformers_log.clear()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        return any("exceeded the model's predefined maximum length" in m for m in transformers_log)
+
+    assert generate()  # unpatched: transformers' reminder
+    with apply_rope(model, cfg):
+        assert not generate()  # ropekit runs the model there on purpose
+        other = make_tiny_model("llama")
+        with apply_rope(other, RopeConfig.from_hf(other.config)):
+            pass  # a second patch coming and going keeps the first one's filter
+        assert not generate()
+    assert generate()  # the filter went with the patch
+
+
+def test_gguf_quantization_notes_are_dropped_only_while_loading(transformers_log):
+    note = ("Loading a GGUF checkpoint with its weights packed is fastest in float32 ... the weights stay "
+            "quantized regardless, so this costs no extra memory.")
+    logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    with rk_models._dropping(rk_models._GGUF_LOGGERS, rk_models._GGUF_PHRASES):
+        logger.warning(note)
+        logger.warning("something else about this file")
+    assert transformers_log == ["something else about this file"]
+    logger.warning(note)
+    assert transformers_log[-1] == note
 
 
 # ---------------------------------------------------------------------- config for export

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sysconfig
 from pathlib import Path
 
@@ -277,6 +278,140 @@ def test_settings_validation():
         train(tiny_llama(), rows, FinetuneSettings(seq_len=128, steps=1, batch_size=4), progress=False)
 
 
+# ---------------------------------------------------------------------- memory: the chunked loss
+def tiny_gemma2(seed: int = 0):
+    """A tiny Gemma 2: tied head and final-logit soft-capping, transforms the chunked loss must apply too."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=TRAINED,
+                          final_logit_softcapping=2.0, eos_token_id=256, bos_token_id=None, pad_token_id=None,
+                          attn_implementation="eager")
+    return Gemma2ForCausalLM(config)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family,lora,checkpointing", [("llama", False, False), ("llama", False, True),
+                                                       ("llama", True, True), ("gemma2", False, True)])
+def test_chunked_loss_and_gradients_equal_the_full_logits_loss(family, lora, checkpointing, text_rows):
+    """The loss the loop trains on (from hidden states, 7 positions per chunk, head recomputed in backward) equals
+    the summed cross-entropy of the model's own full logits, and so do the gradients of every trainable weight."""
+    from ropekit.training.finetune import add_lora, loss_forward, set_gradient_checkpointing, token_loss_sum
+
+    model = tiny_llama(seed=3) if family == "llama" else tiny_gemma2(seed=3)
+    patch = patched(model, "yarn", 4.0)
+    if lora:
+        model = add_lora(model, FinetuneSettings(seq_len=128, steps=1, lora=True, lora_rank=4))
+        with torch.no_grad():  # peft starts B at zero; make the adapters count
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    set_gradient_checkpointing(model, checkpointing)
+    model.train()
+    batch = text_rows.rows([0, 5])
+    kwargs = packed_forward_kwargs(batch.position_ids)
+
+    full = token_loss_sum(model(input_ids=batch.input_ids, **kwargs).logits, batch.labels)
+    full.backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    with loss_forward(model, chunk_size=7) as wrapped:  # 127 predicted positions: 18 chunks, the last short
+        chunked = wrapped(input_ids=batch.input_ids, labels=batch.labels, **kwargs)
+    chunked.backward()
+    got = _grads(model)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=0)
+    assert expected and set(got) == set(expected)
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # The override is gone afterwards: the model returns logits again.
+    assert model(input_ids=batch.input_ids[:, :8], use_cache=False).logits.shape[-1] == 257
+    set_gradient_checkpointing(model, False)
+    patch.remove()
+
+
+class SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
+    """While active, records the shape of every non-parameter tensor autograd saves for backward (outside
+    checkpointed regions: those keep only their inputs, through their own hooks)."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, ...]] = []
+        params = {p.data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                self.shapes.append(tuple(t.shape))
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_training_step_keeps_no_logits_and_recomputes_every_patched_layer(checkpointing, text_rows):
+    """During a real ``train`` step: nothing with a vocabulary axis is kept for backward, with gradient
+    checkpointing nothing larger than one (batch, seq, hidden) tensor either, and every decoder layer of the
+    RoPE-patched model runs twice (forward, then recomputed in backward) — once without checkpointing."""
+    model = tiny_llama(seed=1)
+    patch = patched(model, "yarn", 4.0)
+    calls = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+    settings = FinetuneSettings(seq_len=128, steps=1, lr=1e-3, warmup=1, batch_size=2,
+                                gradient_checkpointing=checkpointing)
+    saved = SavedForBackward(model)
+    with saved:
+        train(model, text_rows, settings, progress=False, loss_chunk=16)
+    vocab, hidden, tokens = model.config.vocab_size, model.config.hidden_size, 2 * 128
+    assert saved.shapes, "the hooks saw no forward"
+    assert not [s for s in saved.shapes if s and s[-1] == vocab], "logits kept for backward"
+    largest = max(math.prod(s) for s in saved.shapes)
+    if checkpointing:
+        assert largest <= tokens * hidden, sorted(saved.shapes, key=math.prod)[-5:]
+        assert len(calls) == 2 * len(model.model.layers)
+    else:
+        assert largest > tokens * hidden  # control: the MLP's (tokens, intermediate) activations are kept
+        assert len(calls) == len(model.model.layers)
+    off = model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else (
+        model.is_gradient_checkpointing)
+    assert not off  # train() turns checkpointing off again
+    patch.remove()
+
+
+def test_train_loss_is_the_models_own_loss_over_the_global_batch(text_rows):
+    """Step 1's logged loss (chunked, 2 micro-batches x 2 rows) equals transformers' own mean token loss of the
+    same 4 rows in one forward, before any update."""
+    model = tiny_llama(seed=4)
+    patch = patched(model, "yarn", 4.0)
+    settings = FinetuneSettings(seq_len=128, steps=1, lr=1e-3, warmup=1, batch_size=2, grad_accum=2, seed=7)
+    rows = text_rows.rows(batch_indices(0, len(text_rows), 4, seed=7))
+    expected = _held_out_loss(model.eval(), rows)
+    result = train(model, text_rows, settings, progress=False, loss_chunk=10)
+    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result.history[0]["tokens"] == rows.predicted_tokens()
+    patch.remove()
+
+
+def test_warns_when_the_run_ends_inside_the_warm_up(text_rows):
+    rows = text_rows.rows(range(4))
+    with pytest.warns(UserWarning, match=r"--steps 2 ends inside the 5-step warm-up \(--warmup\): the learning "
+                                         r"rate peaks at 0\.0004 and never reaches --lr 0\.001"):
+        result = train(tiny_llama(), rows, FinetuneSettings(seq_len=128, steps=2, lr=1e-3, warmup=5),
+                       progress=False)
+    assert len(result.warnings) == 1 and "never reaches --lr" in result.warnings[0]
+    assert [h["lr"] for h in result.history] == pytest.approx([2e-4, 4e-4])
+    # steps == warmup: the last step runs at --lr, so no warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = train(tiny_llama(), rows, FinetuneSettings(seq_len=128, steps=2, lr=1e-3, warmup=2),
+                       progress=False)
+    assert result.warnings == [] and result.history[-1]["lr"] == pytest.approx(1e-3)
+
+
 # ---------------------------------------------------------------------- the command
 @pytest.fixture(scope="module")
 def tiny_model_folder(tmp_path_factory):
@@ -328,6 +463,7 @@ def test_cli_finetune_trains_evaluates_and_exports(tiny_model_folder, data_folde
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "training.json").read_text())
     assert len(summary["history"]) == 3 and summary["rope"]["method"] == "yarn"
+    assert summary["warnings"] == []  # 3 steps after a 1-step warm-up
     assert set(summary["evaluation"]["lengths"]) == {"32", "128"}  # trained length and --seq-len (JSON keys)
     assert "perplexity after fine-tuning" in result.output
     from transformers import AutoModelForCausalLM
@@ -347,7 +483,7 @@ def test_cli_finetune_bad_input(tiny_model_folder, data_folder, tmp_path):
             "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
     short = _cli(base + ["--seq-len", "16", "--data", str(data_folder)])
     assert short.exit_code != 0
-    assert "--seq-len: 16 is smaller than the model's trained length 32" in short.output
+    assert "--seq-len: 16 is" in short.output and "trained length 32" in short.output
     empty = tmp_path / "empty"
     empty.mkdir()
     no_data = _cli(base + ["--seq-len", "64", "--data", str(empty)])
@@ -366,7 +502,7 @@ def test_cli_finetune_under_torchrun_matches_single_process(tiny_model_folder, d
     import sys
 
     common = ["finetune", str(tiny_model_folder), "--method", "linear", "--factor", "4", "--seq-len", "128",
-              "--data", str(data_folder), "--steps", "2", "--lr", "1e-3", "--warmup", "1", "--device", "cpu",
+              "--data", str(data_folder), "--steps", "2", "--lr", "1e-3", "--warmup", "3", "--device", "cpu",
               "--no-eval", "--no-export", "--no-progress", "--batch-size", "1"]
     single = _cli(common + ["--grad-accum", "2", "--out", str(tmp_path / "single")])
     assert single.exit_code == 0, single.output
@@ -383,3 +519,6 @@ def test_cli_finetune_under_torchrun_matches_single_process(tiny_model_folder, d
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
     assert [h["tokens"] for h in two["history"]] == [h["tokens"] for h in one["history"]]
+    # 2 steps of a 3-step warm-up: the summary says the learning rate never reached --lr.
+    for summary in (one, two):
+        assert [w.split(":")[0] for w in summary["warnings"]] == ["--steps 2 ends inside the 3-step warm-up (--warmup)"]

@@ -1,10 +1,10 @@
 """ropekit: Rotary Position Embeddings and context-window extension for PyTorch models."""
 
 from ropekit.config import RopeConfig
-from ropekit.methods import Frequencies, frequencies, get_method, method_names
+from ropekit.kernels.dispatch import apply_rotary, rotate
+from ropekit.methods import Frequencies, frequencies, get_method, method_names, parameters
 from ropekit.module import RotaryEmbedding
 from ropekit.rotation import (
-    apply_rotary,
     cos_sin,
     layout_permutation,
     permute_qk_weight,
@@ -12,7 +12,6 @@ from ropekit.rotation import (
     positions_from_offsets,
     reapply_frequencies,
     rerotate,
-    rotate,
     rotation_angles,
 )
 
@@ -28,6 +27,7 @@ __all__ = [
     "get_method",
     "layout_permutation",
     "method_names",
+    "parameters",
     "permute_qk_weight",
     "positions_from_cu_seqlens",
     "positions_from_offsets",

@@ -20,12 +20,13 @@ from typing import Any, Sequence
 import torch
 
 from ropekit.config import RopeConfig
-from ropekit.methods import frequencies
+from ropekit.methods import frequencies, get_method, method_names
 from ropekit.methods.base_change import suggested_base
 
-# Methods shown by default, in this order. LongRoPE needs searched per-pair factors and is shown only
-# when the config already carries them.
-INSPECT_METHODS = ("default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3", "base", "longrope")
+# Methods shown, in registry order (a snapshot at import; ``method_configs`` reads the registry each call).
+# A method whose required parameters cannot be chosen from the target length (LongRoPE's searched per-pair
+# factors) is shown only when the config already carries them.
+INSPECT_METHODS = tuple(method_names())
 
 
 @dataclass
@@ -149,56 +150,56 @@ class RopeReport:
 
 
 def trained_length_of(cfg: RopeConfig) -> int:
-    """The length the model was trained at (``original_max_position``, else ``max_position``)."""
-    length = cfg.original_max_position or cfg.max_position
+    """``cfg.trained_length`` (``original_max_position``, else ``max_position`` of an unscaled model), required."""
+    length = cfg.trained_length
     if not length:
         raise ValueError("original_max_position: the config does not say the trained length; pass it")
     return int(length)
+
+
+def _suggest_new_base(cfg: RopeConfig, target_length: int, factor: float) -> float:
+    """arXiv 2405.14591's bound for the target length; if the model's base is already above it, the NTK base."""
+    new_base = suggested_base(target_length)
+    if new_base <= cfg.base:
+        new_base = cfg.base * factor ** (cfg.rotary_dim / (cfg.rotary_dim - 2))
+    return new_base
+
+
+# Required parameters other than the factor and trained length that inspect can choose for a target length.
+SUGGESTED_PARAMS = {"new_base": _suggest_new_base}
 
 
 def method_configs(cfg: RopeConfig, target_length: int) -> tuple[dict[str, RopeConfig], dict[str, str]]:
     """Each applicable method at factor target / trained length: ({name: RopeConfig}, {skipped name: why})."""
     trained = trained_length_of(cfg)
     factor = target_length / trained
-    plain = cfg.with_method("default").replace(original_max_position=trained, max_position=trained)
-    out: dict[str, RopeConfig] = {"default": plain}
+    out: dict[str, RopeConfig] = {"default": cfg.extend("default", original_max_position=trained,
+                                                        target_length=trained)}
     skipped: dict[str, str] = {}
-    common = dict(original_max_position=trained, max_position=target_length)
-    for name in INSPECT_METHODS[1:]:
-        if name == "base":
-            new_base = suggested_base(target_length)
-            if new_base <= cfg.base:
-                new_base = cfg.base * factor ** (cfg.rotary_dim / (cfg.rotary_dim - 2))
-            out[name] = cfg.with_method("base", new_base=new_base, **common)
-        elif name == "longrope":
-            if cfg.method == "longrope":
+    for name in method_names():
+        spec = get_method(name)
+        if name == "default":
+            continue
+        chosen = [p for p in spec.params if p.field in spec.required
+                  and p.field not in ("factor", "original_max_position")]
+        missing = [p for p in chosen if p.field not in SUGGESTED_PARAMS]
+        if missing:
+            if cfg.method == name:  # the model's own (e.g. LongRoPE with its searched factors), at the target
                 out[name] = cfg.replace(max_position=max(target_length, cfg.target_length or 0))
+            elif all(p.type == "float_list" for p in missing):
+                skipped[name] = f"needs searched per-pair factors ({'/'.join(p.field for p in missing)})"
             else:
-                skipped[name] = "needs searched per-pair factors (short_factor/long_factor)"
-        elif factor <= 1.0 and name != "dynamic_yarn":
+                skipped[name] = f"needs {', '.join(p.field for p in missing)}"
+        elif factor < 1.0 or (factor == 1.0 and "factor" in spec.required):
             skipped[name] = f"target length {target_length} is not beyond the trained length {trained}"
         else:
-            params = dict(common, factor=factor) if factor > 1.0 else dict(common)
-            out[name] = cfg.with_method(name, **params)
+            params = {p.field: SUGGESTED_PARAMS[p.field](cfg, target_length, factor) for p in chosen}
+            out[name] = cfg.extend(name, original_max_position=trained, target_length=target_length, **params)
     return out, skipped
 
 
 def _method_note(name: str, cfg: RopeConfig) -> str:
-    from ropekit.methods.ntk import ntk_base
-
-    if name == "ntk":
-        return f"base -> {ntk_base(cfg.base, cfg.factor, cfg.rotary_dim):.4g}"
-    if name == "base":
-        return f"base -> {cfg.new_base:.4g}"
-    return {
-        "default": "plain RoPE, no scaling",
-        "linear": "positions squeezed by s (PI)",
-        "dynamic": "base grows with the length (shown at the target)",
-        "yarn": "NTK-by-parts ramp + temperature",
-        "dynamic_yarn": "yarn with s from the length (shown at the target)",
-        "llama3": "fast pairs kept, slow pairs / s, blend between",
-        "longrope": "the model's per-pair factors (long)",
-    }.get(name, "")
+    return get_method(name).description(cfg)
 
 
 def method_view(name: str, cfg: RopeConfig, original: torch.Tensor, target_length: int) -> MethodView:

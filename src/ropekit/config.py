@@ -7,56 +7,44 @@ GGUF metadata (``from_gguf``); ``to_hf`` gives back the ``rope_parameters`` form
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ropekit.methods import get_method, method_names
+from ropekit.methods import (
+    METHOD_ALIASES,
+    canonical_name,
+    get_method,
+    hf_rope_keys,
+    method_fields,
+    method_names,
+    parameters,
+    read_factors_file,
+    readers,
+)
+from ropekit.methods.registry import check_int as _check_int
+from ropekit.methods.registry import check_number as _check_number
 
 LAYOUTS = ("neox", "gptj")
 
-# Fields that belong to one scaling method or another; anything set must be read by the chosen method.
-METHOD_FIELDS = (
-    "factor",
-    "original_max_position",
-    "attention_factor",
-    "beta_fast",
-    "beta_slow",
-    "truncate",
-    "mscale",
-    "mscale_all_dim",
-    "low_freq_factor",
-    "high_freq_factor",
-    "short_factor",
-    "long_factor",
-    "n_hat",
-    "new_base",
-)
+# Keys of a transformers rope_parameters dict that are not method parameters (None: handled apart).
+HF_FIXED_KEYS = {"rope_type": None, "type": None, "rope_theta": None, "partial_rotary_factor": None}
 
-# rope_type names of other tools that mean one of ours.
-METHOD_ALIASES = {"su": "longrope", "dynamic_ntk": "dynamic", "ntk_aware": "ntk", "pi": "linear", "none": "default",
-                  "abf": "base"}
 
-# Keys of a transformers rope_parameters / rope_scaling dict, mapped to RopeConfig fields (None: handled apart).
-HF_ROPE_KEYS = {
-    "rope_type": None,
-    "type": None,
-    "rope_theta": None,
-    "partial_rotary_factor": None,
-    "factor": "factor",
-    "original_max_position_embeddings": "original_max_position",
-    "attention_factor": "attention_factor",
-    "beta_fast": "beta_fast",
-    "beta_slow": "beta_slow",
-    "truncate": "truncate",
-    "mscale": "mscale",
-    "mscale_all_dim": "mscale_all_dim",
-    "low_freq_factor": "low_freq_factor",
-    "high_freq_factor": "high_freq_factor",
-    "short_factor": "short_factor",
-    "long_factor": "long_factor",
-}
+def hf_keys() -> dict[str, str | None]:
+    """Keys of a transformers rope_parameters / rope_scaling dict -> RopeConfig fields (None: handled apart)."""
+    return {**HF_FIXED_KEYS, **hf_rope_keys()}
+
+
+# Snapshots of the registry at import, for older imports; ropekit itself calls the functions, which also see
+# methods registered later. METHOD_FIELDS: fields that belong to one method or another (anything set must be
+# read by the chosen method). HF_ROPE_KEYS: see ``hf_keys``.
+METHOD_FIELDS = method_fields()
+HF_ROPE_KEYS = hf_keys()
+# RopeConfig fields every method has; all others are method parameters.
+_CORE_FIELDS = ("head_dim", "rotary_dim", "base", "layout", "method", "max_position", "extra")
 
 # Model types whose checkpoints pair channels (2i, 2i+1) in transformers.
 # DeepSeek V2/V3 checkpoints pair (2i, 2i+1) too (V2 rotates complex pairs; V3's rope_interleave path reads
@@ -91,6 +79,10 @@ class RopeConfig:
         short_factor, long_factor: LongRoPE per-pair factors, rotary_dim/2 each.
         n_hat: LongRoPE's count of leading positions kept at the original rotation.
         new_base: the base of the ``base`` (ABF) method.
+        extra: ((name, value), ...) parameters of methods registered elsewhere that have no field here; read
+            them as attributes (``cfg.name``). ``extend`` and ``replace`` put such names here themselves.
+
+    Every method parameter (type, default, bounds, help) is declared by its method: ``ropekit.methods.parameters()``.
     """
 
     head_dim: int
@@ -113,6 +105,22 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     n_hat: int | None = None
     new_base: float | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not fields: parameters of methods registered outside this file.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            extra = object.__getattribute__(self, "extra")
+        except AttributeError:
+            raise AttributeError(name) from None
+        for key, value in extra:
+            if key == name:
+                return value
+        if name in method_fields():
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -120,7 +128,7 @@ class RopeConfig:
         if not isinstance(self.method, str):
             raise ValueError(f"method: must be a method name (str), got {self.method!r}; accepted: "
                              f"{', '.join(method_names())}")
-        method = METHOD_ALIASES.get(self.method, self.method)
+        method = canonical_name(self.method)
         set_("method", method)
         spec = get_method(method)
 
@@ -136,9 +144,6 @@ class RopeConfig:
         if rotary_dim > self.head_dim:
             raise ValueError(f"rotary_dim: must be <= head_dim ({self.head_dim}), got {rotary_dim}")
         set_("rotary_dim", int(rotary_dim))
-        if method in ("ntk", "dynamic") and rotary_dim < 4:
-            raise ValueError(f"rotary_dim: method {method!r} needs rotary_dim >= 4 (its base grows as "
-                             f"s^(d/(d-2))), got {rotary_dim}")
         _check_number("base", self.base)
         if not self.base > 1.0:
             raise ValueError(f"base: must be > 1, got {self.base}")
@@ -146,74 +151,61 @@ class RopeConfig:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: unknown channel layout {self.layout!r}; accepted: {', '.join(LAYOUTS)}")
 
+        extra = dict(self.extra or ())
+        if len(extra) != len(self.extra or ()):
+            raise ValueError("extra: a parameter is given twice")
+        known = {p.field: p for p, _ in parameters()}
+        for name in extra:
+            if name in _field_names():
+                raise ValueError(f"{name}: is a RopeConfig field; set it directly, not in extra")
+            if name not in known:
+                raise ValueError(f"{name}: not a parameter of any registered method")
+        for name in _field_names():
+            if name not in _CORE_FIELDS and name not in known and getattr(self, name) is not None:
+                raise ValueError(f"{name}: not a parameter of any registered method")
+
         # A field set that the chosen method does not read is a mistake, not something to ignore.
-        reads = set(spec.required) | set(spec.accepted)
-        for name in METHOD_FIELDS:
-            if getattr(self, name) is not None and name not in reads:
+        for name in known:
+            if getattr(self, name) is not None and name not in spec.reads:
                 if name == "original_max_position":
                     continue  # the trained length is a property of the model, harmless for every method
-                users = [m for m in method_names() if name in _reads(m)]
                 raise ValueError(
-                    f"{name}: not used by method {method!r}; it is a parameter of: {', '.join(users)}"
+                    f"{name}: not used by method {method!r}; it is a parameter of: {', '.join(readers(name))}"
                 )
         for name in spec.required:
             if getattr(self, name) is None:
                 raise ValueError(f"{name}: required by method {method!r} (required: {', '.join(spec.required)})")
-
-        if self.factor is not None:
-            _check_number("factor", self.factor)
-            if self.factor < 1.0:
-                raise ValueError(f"factor: must be >= 1 (the target length over the trained one), got {self.factor}")
-            set_("factor", float(self.factor))
-        for name in ("original_max_position", "max_position"):
+        # Each parameter's type and bounds, as its method declares them; values normalised (float, tuple, ...).
+        for name, param in known.items():
             value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value, minimum=1)
-                set_(name, int(value))
+            if value is None:
+                continue
+            value = param.check(value, pairs=self.rotary_dim // 2)
+            if name in extra:
+                extra[name] = value
+            else:
+                set_(name, value)
+        set_("extra", tuple(sorted(extra.items())))
+        if self.max_position is not None:
+            _check_int("max_position", self.max_position, minimum=1)
+            set_("max_position", int(self.max_position))
         if self.original_max_position and self.max_position and self.max_position < self.original_max_position:
             raise ValueError(
                 f"max_position: the target length ({self.max_position}) must be >= original_max_position "
                 f"({self.original_max_position})"
             )
-        for name in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor",
-                     "high_freq_factor"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_number(name, value)
-                if value <= 0 and name not in ("mscale", "mscale_all_dim"):
-                    raise ValueError(f"{name}: must be > 0, got {value}")
-                set_(name, float(value))
-        if self.truncate is not None and not isinstance(self.truncate, bool):
-            raise ValueError(f"truncate: must be true or false, got {self.truncate!r}")
-        if self.beta_fast is not None and self.beta_slow is not None and self.beta_fast <= self.beta_slow:
-            raise ValueError(f"beta_fast: must be > beta_slow ({self.beta_slow}), got {self.beta_fast}")
-        low = 1.0 if self.low_freq_factor is None else self.low_freq_factor
-        high = 4.0 if self.high_freq_factor is None else self.high_freq_factor
-        if method == "llama3" and high <= low:
-            raise ValueError(f"high_freq_factor: must be > low_freq_factor ({low}), got {high}")
-        for name in ("short_factor", "long_factor"):
-            value = getattr(self, name)
-            if value is not None:
-                if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-                    raise ValueError(f"{name}: must be a list of {self.rotary_dim // 2} numbers, got {value!r}")
-                value = tuple(float(v) for v in value)
-                if len(value) != self.rotary_dim // 2:
-                    raise ValueError(
-                        f"{name}: needs rotary_dim/2 = {self.rotary_dim // 2} entries (one per pair), got {len(value)}"
-                    )
-                if any(not math.isfinite(v) or v <= 0 for v in value):
-                    raise ValueError(f"{name}: every entry must be a finite number > 0")
-                set_(name, value)
-        if self.n_hat is not None:
-            _check_int("n_hat", self.n_hat, minimum=0)
-            set_("n_hat", int(self.n_hat))
-        if self.new_base is not None:
-            _check_number("new_base", self.new_base)
-            if not self.new_base > 1.0:
-                raise ValueError(f"new_base: must be > 1, got {self.new_base}")
-            set_("new_base", float(self.new_base))
+        if spec.check is not None:
+            spec.check(self)  # checks across fields (beta_fast > beta_slow, ...)
 
     # ------------------------------------------------------------------ derived
+    @property
+    def trained_length(self) -> int | None:
+        """L, the length the model was trained at: ``original_max_position``, else ``max_position`` for an
+        unscaled model (None when neither says it). The one definition every part of ropekit uses."""
+        if self.original_max_position is not None:
+            return self.original_max_position
+        return None if self.is_scaled else self.max_position
+
     @property
     def target_length(self) -> int | None:
         """L': ``max_position`` if set, else factor * L, else L (None if neither length is known)."""
@@ -234,31 +226,142 @@ class RopeConfig:
         return get_method(self.method).length_dependent
 
     def replace(self, **changes: Any) -> "RopeConfig":
-        """A copy with ``changes`` applied (and validated). Changing ``method`` clears the old method's fields."""
-        if "method" in changes and changes["method"] != self.method:
-            keep = {"original_max_position", "max_position"}
-            cleared = {n: None for n in METHOD_FIELDS if n not in keep and n not in changes}
+        """A copy with ``changes`` applied (and validated). Changing ``method`` clears the old method's fields.
+
+        Parameters of methods registered elsewhere (no field of their own) may be given by name too.
+        """
+        if "method" in changes and canonical_name(changes["method"]) != self.method:
+            keep = {"original_max_position"}
+            cleared = {n: None for n in method_fields() if n not in keep and n not in changes}
             changes = {**cleared, **changes}
             if "max_position" not in changes:
                 # The old target belonged to the old method: derive the new one from factor * trained length.
                 changes["max_position"] = None
                 if self.original_max_position is None and self.max_position is not None:
                     changes.setdefault("original_max_position", self.max_position)
+        extra = dict(self.extra)
+        for name in [n for n in changes if n not in _field_names()]:
+            value = changes.pop(name)
+            if value is None:
+                extra.pop(name, None)
+            else:
+                extra[name] = value
+        changes["extra"] = tuple(sorted(extra.items()))
         return dataclasses.replace(self, **changes)
 
     def with_method(self, method: str, **params: Any) -> "RopeConfig":
-        """This model's RoPE extended with ``method`` (the trained length stays)."""
+        """``replace(method=method, **params)``: the trained length stays; kept for older callers.
+
+        Prefer ``extend``, which also derives the target length from the factor and checks every parameter.
+        """
         return self.replace(method=method, **params)
+
+    def extend(self, method: str, factor: float | None = None, *, target_length: int | None = None,
+               factors_file: Any = None, **params: Any) -> "RopeConfig":
+        """This model's RoPE extended with ``method``: the one library call for "extend this RoPE".
+
+        Args:
+            method: a name of ``ropekit.method_names()`` (aliases such as "pi", "ntk_aware" accepted).
+            factor: the scale s = target length / trained length (``trained_length``).
+            target_length: L'; the factor is then L' / trained length (both given: they must agree).
+            factors_file: a LongRoPE factors JSON (``ropekit.methods.read_factors_file``); values given in
+                ``params`` win over the file's.
+            params: RopeConfig fields the method reads (``beta_fast=16``, ``new_base=5e5``,
+                ``original_max_position=4096`` to override the trained length, ...); None values are ignored.
+        Returns:
+            A validated RopeConfig with ``max_position`` = the target length (factor x trained length, or
+            ``target_length``) and ``original_max_position`` = the trained length, where known. Parameters of
+            the current method are kept when ``method`` is the same one, cleared otherwise.
+        Raises:
+            ValueError: starting with the field at fault (``factor: ...``, ``new_base: ...``,
+                ``short_factor: ...``, ``target_length: ...``, ``factors_file: ...``).
+            FileNotFoundError: ``factors_file`` does not exist.
+        """
+        for name, value in [("factor", factor), ("target_length", target_length), *params.items()]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number, got {value}")
+        if not isinstance(method, str):
+            raise ValueError(f"method: must be a method name (str), got {method!r}; accepted: "
+                             f"{', '.join(method_names())}")
+        spec = get_method(method)
+        name = spec.name
+        fields = set(method_fields())
+        given = {k: v for k, v in params.items() if v is not None}
+        for fld in given:
+            if fld == "max_position":
+                raise ValueError("max_position: pass target_length (or factor) to extend")
+            if fld not in fields:
+                raise ValueError(f"{fld}: not a parameter of any method; accepted: {', '.join(sorted(fields))}")
+            if fld not in spec.reads and fld != "original_max_position":
+                raise ValueError(f"{fld}: not used by method {name!r}; it is a parameter of: "
+                                 f"{', '.join(readers(fld))}")
+        if factors_file is not None:
+            list_params = [p.field for p in spec.params if p.type == "float_list"]
+            if not list_params:
+                users = [m for m in method_names() if any(p.type == "float_list" for p in get_method(m).params)]
+                raise ValueError(f"factors_file: only used by method {', '.join(users)}, not {name}")
+            from_file = read_factors_file(factors_file)
+            given = {**{k: v for k, v in from_file.items() if k in spec.reads}, **given}
+        if factor is not None and "factor" not in spec.reads:
+            _check_number("factor", factor)
+            if not (float(factor) == 1.0 and not spec.required):
+                raise ValueError(f"factor: method {name!r} takes {', '.join(spec.required)}, not a factor"
+                                 if spec.required else f"factor: method {name!r} ({spec.summary}) takes no factor")
+            factor = None
+        if factor is not None:
+            given["factor"] = factor
+
+        trained = given.get("original_max_position", self.trained_length)
+        if target_length is not None:
+            _check_int("target_length", target_length, minimum=1)
+            target_length = int(target_length)
+            if trained is not None and target_length < trained:
+                raise ValueError(f"target_length: must be >= the trained length {trained}, got {target_length}")
+            if "factor" in spec.reads:
+                if trained is None:
+                    raise ValueError("target_length: the trained length is unknown (set original_max_position), "
+                                     "so the factor cannot be derived from it")
+                if "factor" in given:
+                    _check_number("factor", given["factor"])
+                    if round(float(given["factor"]) * trained) != target_length:
+                        raise ValueError(f"target_length: {target_length} disagrees with factor {given['factor']:g} "
+                                         f"x trained length {trained} = {round(float(given['factor']) * trained)}")
+                else:
+                    given["factor"] = target_length / trained
+        if "factor" in spec.reads and given.get("factor") is None and not (
+                name == self.method and self.factor is not None):
+            raise ValueError(f"factor: required by method {name!r} (the target length over the trained length "
+                             f"{trained or '?'}; or give target_length)")
+        if "original_max_position" in spec.required and trained is None:
+            raise ValueError(f"original_max_position: required by method {name!r}; the config does not say its "
+                             f"trained length")
+        keep = {} if name != self.method else {f: getattr(self, f) for f in spec.reads}
+        for param in spec.params:
+            value = given.get(param.field, keep.get(param.field))
+            if param.field in spec.required and value is None and param.field != "original_max_position":
+                size = f"; rotary_dim/2 = {self.rotary_dim // 2} numbers" if param.type == "float_list" else ""
+                raise ValueError(f"{param.field}: required by method {name!r} ({param.help}{size})")
+        new_factor = given.get("factor", keep.get("factor"))
+        if target_length is None and new_factor is not None and trained is not None:
+            _check_number("factor", new_factor)
+            target_length = int(round(float(new_factor) * trained))  # the target follows the new factor
+        changes = {f: None for f in fields}
+        changes.update(keep)
+        changes.update(given)
+        changes.update(method=name, original_max_position=trained, max_position=target_length)
+        return self.replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the set fields (lists for the factor tuples), for JSON reports."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name.startswith("_"):
+            if f.name.startswith("_") or f.name == "extra":
                 continue
             value = getattr(self, f.name)
             if value is not None:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
+        for name, value in self.extra:
+            out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
     # ------------------------------------------------------------------ Hugging Face
@@ -283,7 +386,7 @@ class RopeConfig:
         method = rope_type or legacy_type or "default"
         if not isinstance(method, str):
             raise ValueError(f"rope_type: must be a string, got {method!r}; accepted: {', '.join(method_names())}")
-        method = METHOD_ALIASES.get(method, method)
+        method = canonical_name(method)
         if method not in method_names():
             raise ValueError(f"rope_type: {method!r} is not supported; accepted: {', '.join(method_names())}")
         spec = get_method(method)
@@ -301,41 +404,41 @@ class RopeConfig:
             rotary_dim = head_dim
 
         params: dict[str, Any] = {}
-        reads = set(spec.required) | set(spec.accepted)
+        keys = hf_keys()
         for key, value in rope.items():
-            if key not in HF_ROPE_KEYS:
-                warn_once(f"rope_parameters: unknown key {key!r} ignored (known: {', '.join(HF_ROPE_KEYS)})")
+            if key not in keys:
+                warn_once(f"rope_parameters: unknown key {key!r} ignored (known: {', '.join(keys)})")
                 continue
-            name = HF_ROPE_KEYS[key]
+            name = keys[key]
             if name is None or value is None:
                 continue
-            if name not in reads and name != "original_max_position":
+            if name not in spec.reads and name != "original_max_position":
                 warn_once(f"rope_parameters: key {key!r} is not used by rope_type {method!r}; ignored")
                 continue
             params[name] = value
 
         max_pos = d.get("max_position_embeddings", d.get("n_positions", d.get("n_ctx")))
-        if method == "dynamic":
+        if spec.hf_trained_from_max_position:
             # transformers' dynamic NTK takes max_position_embeddings as the trained length.
             if params.get("original_max_position") not in (None, max_pos):
                 warn_once("rope_parameters: original_max_position_embeddings is not read by transformers' dynamic "
                           "scaling, which uses max_position_embeddings as the trained length; doing the same")
             params["original_max_position"] = max_pos
-        elif method in ("yarn", "llama3", "longrope", "dynamic_yarn"):
+        elif "original_max_position" in spec.required:
             # Phi-3 keeps the trained length at the top level, and transformers gives it priority.
             top = d.get("original_max_position_embeddings")
             params["original_max_position"] = _first(top, params.get("original_max_position"), max_pos)
         elif method == "default":
             params.pop("original_max_position", None)
         original = params.get("original_max_position") or (max_pos if method == "default" else None)
-        if original is None and method in ("yarn", "llama3", "longrope", "dynamic", "dynamic_yarn"):
+        if original is None and "original_max_position" in spec.required:
             raise ValueError(f"max_position_embeddings: needed to know the trained length for rope_type {method!r}")
-        if method in ("yarn", "longrope") and params.get("factor") is None and original:
+        if spec.hf_factor_from_lengths and params.get("factor") is None and original:
             if max_pos is None:
                 raise ValueError(f"factor: required by rope_type {method!r} (or max_position_embeddings)")
             params["factor"] = max_pos / original
         factor = params.get("factor")
-        if method in ("linear", "ntk", "dynamic", "yarn", "llama3") and factor is None:
+        if "factor" in spec.required and factor is None:
             raise ValueError(f"factor: required by rope_type {method!r} in rope_parameters")
         if method != "default" and original:
             params.setdefault("original_max_position", original)
@@ -349,7 +452,7 @@ class RopeConfig:
             max_position = max(int(max_pos), int(original or 0))
         else:
             max_position = None
-        if method == "dynamic" and factor:
+        if spec.hf_trained_from_max_position and factor:
             max_position = int(round(factor * original))
 
         layout = "gptj" if d.get("model_type") in GPTJ_LAYOUT_MODEL_TYPES else "neox"
@@ -368,34 +471,29 @@ class RopeConfig:
         (``ntk``, ``base``) become plain RoPE with the new ``rope_theta``; the rest (``dynamic_yarn``,
         LongRoPE's ``n_hat``, the gptj layout) raise ValueError.
         """
-        from ropekit.methods.ntk import ntk_base
-
         spec = get_method(self.method)
         params: dict[str, Any] = {"rope_theta": self.base}
-        if self.method == "ntk":
-            params = {"rope_type": "default", "rope_theta": ntk_base(self.base, self.factor, self.rotary_dim)}
-        elif self.method == "base":
-            params = {"rope_type": "default", "rope_theta": self.new_base}
+        if spec.to_hf is not None:
+            params = spec.to_hf(self)  # a method transformers lacks, written as one it has (e.g. a new rope_theta)
         elif spec.hf_type is None:
-            raise ValueError(
-                f"method: transformers has no {self.method!r}; export one of: "
-                f"{', '.join(m for m in method_names() if get_method(m).hf_type or m in ('ntk', 'base'))}"
-            )
+            raise ValueError(f"method: transformers has no {self.method!r} ({spec.not_exportable}); export one of: "
+                             f"{', '.join(method_names(exportable=True))}")
         else:
             params["rope_type"] = spec.hf_type
-            reverse = {v: k for k, v in HF_ROPE_KEYS.items() if v}
-            for name in spec.required + spec.accepted:
-                value = getattr(self, name)
-                if value is None or name == "n_hat":
+            for param in spec.params:
+                value = getattr(self, param.field)
+                if value is None and param.field in spec.hf_defaults:
+                    value = param.default
+                if value is None:
                     continue
-                if self.method == "dynamic" and name == "original_max_position":
-                    continue  # transformers' dynamic reads the trained length from max_position_embeddings
-                params[reverse[name]] = list(value) if isinstance(value, tuple) else value
-            if self.n_hat:
-                raise ValueError("n_hat: transformers' longrope has no unscaled leading positions; set n_hat=0")
-            if self.method == "llama3":  # transformers requires both; ours default to Llama 3.1's 1 and 4
-                params.setdefault("low_freq_factor", 1.0)
-                params.setdefault("high_freq_factor", 4.0)
+                if param.hf_key is None:
+                    if value != param.default:
+                        raise ValueError(f"{param.field}: transformers' {spec.hf_type} has no {param.field} "
+                                         f"({param.help}); set {param.field}={param.default}")
+                    continue
+                if spec.hf_trained_from_max_position and param.field == "original_max_position":
+                    continue  # transformers reads this method's trained length from max_position_embeddings
+                params[param.hf_key] = list(value) if isinstance(value, tuple) else value
         if self.layout != "neox":
             warn_once("layout: transformers takes the channel layout from the model type, not the config; "
                       "this config only round-trips for gptj-layout model types")
@@ -403,8 +501,8 @@ class RopeConfig:
         if self.rotary_dim != self.head_dim:
             out["partial_rotary_factor"] = self.rotary_dim / self.head_dim
             params["partial_rotary_factor"] = out["partial_rotary_factor"]
-        if self.method == "dynamic":
-            out["max_position_embeddings"] = self.original_max_position  # transformers' trained length for dynamic
+        if spec.hf_trained_from_max_position:
+            out["max_position_embeddings"] = self.original_max_position  # transformers' trained length for it
         elif self.target_length is not None:
             out["max_position_embeddings"] = self.target_length
         return out
@@ -440,12 +538,12 @@ class RopeConfig:
         base = meta.get(key("rope.freq_base"), 10000.0)
         context = meta.get(key("context_length"))
         scaling = meta.get(key("rope.scaling.type"), "none")
-        known = {"freq_base", "dimension_count", "scaling.type", "scaling.factor", "scaling.original_context_length",
-                 "scaling.finetuned", "scaling.yarn_log_multiplier"}
+        known = {"freq_base", "dimension_count", "scaling.type", "scaling.finetuned"} | {
+            p.gguf_key for p, _ in parameters() if p.gguf_key}
         for k in meta:
             if k.startswith(f"{arch}.rope.") and k[len(arch) + 6:] not in known:
                 warn_once(f"gguf: unknown key {k!r} ignored")
-        gguf_methods = {"none": "default", "linear": "linear", "yarn": "yarn", "longrope": "longrope"}
+        gguf_methods = {get_method(m).gguf_type: m for m in method_names() if get_method(m).gguf_type}
         if scaling not in gguf_methods:
             raise ValueError(f"{arch}.rope.scaling.type: {scaling!r} is not supported; accepted: "
                              f"{', '.join(gguf_methods)}")
@@ -458,7 +556,7 @@ class RopeConfig:
             if kwargs["factor"] is None:
                 raise ValueError(f"{arch}.rope.scaling.factor: required for scaling type {scaling!r}")
             kwargs["original_max_position"] = int(original or context)
-            if method == "yarn" and meta.get(key("rope.scaling.yarn_log_multiplier")):
+            if "mscale_all_dim" in get_method(method).reads and meta.get(key("rope.scaling.yarn_log_multiplier")):
                 # llama.cpp stores DeepSeek's 0.1 * mscale_all_dim as the log multiplier.
                 kwargs["mscale_all_dim"] = float(meta[key("rope.scaling.yarn_log_multiplier")]) / 0.1
                 kwargs["mscale"] = kwargs["mscale_all_dim"]
@@ -484,16 +582,26 @@ GGUF_INTERLEAVED_ARCHS = {"llama", "llama4", "baichuan", "deci", "mistral", "gra
 
 
 def read_gguf_metadata(path: Any) -> dict[str, Any]:
-    """The scalar and string metadata of a GGUF file as ``{key: value}`` (arrays of numbers as lists)."""
+    """The scalar and string metadata of a GGUF file as ``{key: value}`` (arrays of numbers as lists).
+
+    Parsing a GGUF header takes seconds (its tokenizer arrays); the result is kept per (file, size, mtime), so a
+    command that checks the config before loading the weights reads it once.
+    """
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    stat = path.stat()
+    return dict(_gguf_metadata(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_metadata(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
     from gguf import GGUFReader
     from gguf.constants import GGUFValueType
 
-    reader = GGUFReader(str(path))
+    reader = GGUFReader(path)
     out: dict[str, Any] = {}
     for name, fld in reader.fields.items():
         if not fld.types or name.startswith("tokenizer."):
@@ -510,23 +618,9 @@ def read_gguf_metadata(path: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- helpers
-def _reads(method: str) -> set[str]:
-    spec = get_method(method)
-    return set(spec.required) | set(spec.accepted)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
-        isinstance(value, float) and value.is_integer()
-    ):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+@functools.lru_cache(maxsize=1)
+def _field_names() -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(RopeConfig))
 
 
 def _first(*values: Any) -> Any:

@@ -13,8 +13,16 @@ float32 for the model's ``position_ids``; every attention module of the model ge
 wrapper that marks "this model is patched" in a context variable while it runs; and the modeling module's
 ``apply_rotary_pos_emb`` is replaced by a dispatcher that calls ``ropekit.rotate`` when the mark is set and the
 original function otherwise (so unpatched models of the same family in the process are untouched).
-GPT-J has no rotary module (a fixed sin/cos table inside each attention): its attention wrapper builds
-ropekit's tables from ``position_ids`` and rotates with the interleaved ("gptj") layout.
+GPT-J: from transformers 5.24 its sin/cos come from a ``GPTJRotaryEmbedding`` module, replaced like the others
+by an adapter returning ropekit's half-width (sin, cos); before 5.24 each attention kept a fixed table
+(``embed_positions``), and its attention wrapper builds ropekit's tables from ``position_ids`` instead. Either
+way the rotation uses the interleaved ("gptj") layout.
+
+Where the patch has to reach inside a model (the rotary module, the attention classes, the modeling module's
+``apply_rotary_pos_emb``), a model whose structure differs is refused with ``TransformersStructureError`` (a
+ValueError) naming the family and the installed transformers version, at ``apply_rope`` or, if an attention no
+longer calls ``apply_rotary_pos_emb``, at the first forward call: never a silent fallback to transformers' own
+rotation. Tested transformers releases: ``TRANSFORMERS_TESTED``.
 
 Length-dependent methods (dynamic, dynamic_yarn, longrope) and the KV cache, default policy "freeze":
 a forward call whose ``position_ids`` contain a 0 starts a new sequence (a prefill; packed documents all
@@ -33,10 +41,9 @@ import functools
 import importlib.util
 import inspect
 import json
+import logging
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,6 +53,7 @@ from torch import nn
 
 from ropekit.config import RopeConfig
 from ropekit.module import RotaryEmbedding
+from ropekit.output import OutputDir
 from ropekit.rotation import rotate
 
 DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,8 +80,41 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The transformers releases the model tests (tests/test_models.py, test_export.py, test_parity_hf.py) passed on;
+# pyproject.toml's floor is the first. Only used in error messages.
+TRANSFORMERS_OLDEST_TESTED, TRANSFORMERS_NEWEST_TESTED = "5.13.0", "5.24.0"
+TRANSFORMERS_TESTED = f"{TRANSFORMERS_OLDEST_TESTED} to {TRANSFORMERS_NEWEST_TESTED}"
+
+# What a local model folder needs besides config.json (transformers >= 5 reads safetensors and PyTorch .bin).
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+TOKENIZER_PATTERNS = ("*.tiktoken",)
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says which source and why."""
+
+
+class TransformersStructureError(ValueError):
+    """The installed transformers builds a model differently from what ropekit's patch expects."""
+
+
+def transformers_version() -> str:
+    """The installed transformers version ("not installed" without it)."""
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - a required dependency
+        return "not installed"
+    return str(transformers.__version__)
+
+
+def _structure_error(family: str, detail: str) -> TransformersStructureError:
+    name = SUPPORTED_FAMILIES.get(family, family)
+    return TransformersStructureError(
+        f"{family}: {detail} in the {name} model of transformers {transformers_version()}; ropekit's patch was "
+        f"tested on transformers {TRANSFORMERS_TESTED}: install a release in that range "
+        f"(pip install \"transformers=={TRANSFORMERS_NEWEST_TESTED}\") or report this")
 
 
 def unsupported_family_message(model_type: str | None) -> str:
@@ -189,6 +230,202 @@ def _split_gguf(path: Path, gguf_file: str | None) -> tuple[str, str]:
     return str(path.parent), path.name
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_gguf_file(path: Path) -> None:
+    """A readable GGUF file whose metadata parses (the header only; no tensor is read)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ValueError(f"model: cannot read {path} ({exc.strerror or _first_line(exc)})") from None
+    if magic != b"GGUF":
+        raise ValueError(f"model: {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    from ropekit.config import read_gguf_metadata
+
+    try:
+        metadata = read_gguf_metadata(path)
+    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on a damaged file
+        raise ValueError(f"model: {path} is a corrupt or truncated GGUF file ({_first_line(exc)})") from None
+    if "general.architecture" not in metadata:
+        raise ValueError(f"model: {path} is a GGUF file without general.architecture metadata")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The safetensors header (8-byte length + JSON) parses and every tensor lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > size - 8 or n > 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as exc:
+        raise ValueError(f"model: cannot read {path} ({exc.strerror or _first_line(exc)})") from None
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model: {path} is not a valid safetensors file ({_first_line(exc)})") from None
+    if 8 + n + end > size:
+        raise ValueError(f"model: {path} is truncated ({size} bytes, its header describes {8 + n + end})")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """config.json (valid, a supported family), weights (every shard of an index) and tokenizer files."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"model: cannot read {config_path} ({exc.strerror or _first_line(exc)})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model: {config_path} is not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"model: {config_path} is not a JSON object (a model's config.json)")
+    check_family(config.get("model_type"))
+    index = next((folder / n for n in WEIGHT_INDEXES if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"model: {index} is not a readable weight index ({_first_line(exc)})") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise FileNotFoundError(f"model folder {folder} is missing {len(missing)} weight shard(s) listed in "
+                                    f"{index.name}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        weights = [folder / name for name in sorted(shards)]
+    else:
+        weights = sorted(p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file())
+        if not weights:
+            raise FileNotFoundError(f"no weights (*.safetensors / pytorch_model.bin) in {folder}")
+    for weight in weights:
+        if weight.suffix == ".safetensors":
+            _check_safetensors(weight)
+    if not (any((folder / n).is_file() for n in TOKENIZER_FILES)
+            or any(p.is_file() for pattern in TOKENIZER_PATTERNS for p in folder.glob(pattern))):
+        raise FileNotFoundError(f"no tokenizer ({' / '.join(TOKENIZER_FILES[:3])}) in {folder}")
+
+
+def check_model_source(source: str | Path | None, gguf_file: str | None = None) -> None:
+    """Check, from the file system only, that ``load_model(source)`` has what it needs; return None or raise.
+
+    Cheap (no weights are read, nothing is fetched), so a command calls it before any other work:
+
+    * ``None`` / ``"demo"``: the bundled GGUF is installed and readable.
+    * a ``.gguf`` file (or ``gguf_file`` inside a folder): it exists, is readable and its header parses.
+    * a folder: ``config.json`` (valid JSON, a supported family), weights (``*.safetensors`` or
+      ``pytorch_model*.bin``; every shard an index lists), tokenizer files (tokenizer.json, tokenizer.model,
+      vocab.json, ...).
+    * a hub id (``name`` or ``org/name`` that is not a local path): nothing to check without the network.
+
+    Raises:
+        FileNotFoundError: a missing path, config.json, weights, shard or tokenizer (the message names it).
+        ValueError: an unreadable/corrupt file, invalid config.json, a family ropekit cannot patch, a file that
+            is neither a .gguf nor a folder.
+    """
+    if source is None or str(source) == "demo":
+        _check_gguf_file(demo_model_path())
+        return
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        if _looks_like_path(str(source)):
+            raise FileNotFoundError(f"model not found: {source} (no such file or folder)")
+        return  # a hub id: transformers fetches (or finds in its cache) what it needs
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise ValueError(f"model: gguf_file={gguf_file!r} needs a folder, and {source} is not one")
+        target = path / gguf_file
+        if not target.is_file():
+            raise FileNotFoundError(f"model not found: {target} (no such file)")
+        _check_gguf_file(target)
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model: {source} is a file but not a .gguf; pass a model folder (config.json + "
+                             f"weights), a .gguf file or a hub id")
+        _check_gguf_file(path)
+        return
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ValueError(f"model: cannot read the folder {path} (permission denied)")
+    _check_model_folder(path)
+
+
+class _DropRecords(logging.Filter):
+    """Drops log records whose message contains any of ``phrases`` (attached to named loggers only)."""
+
+    def __init__(self, phrases: tuple[str, ...]) -> None:
+        super().__init__()
+        self.phrases = phrases
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot format is not ours to judge
+            return True
+        return not any(phrase in message for phrase in self.phrases)
+
+
+# transformers' GGUF loader notes about (de)quantization: ropekit loads GGUF models dequantized to float on
+# purpose (that is what it measures and exports), so "the weights stay quantized" / "Dequantizing the whole
+# model" only alarm. Dropped from these loggers, only while load_model runs.
+_GGUF_LOGGERS = ("transformers.quantizers.quantizer_gguf", "transformers.modeling_gguf_pytorch_utils",
+                 "transformers.integrations.ggml", "transformers.integrations.gguf.utils",
+                 "transformers.integrations.gguf.kernels", "transformers.modeling_utils")
+_GGUF_PHRASES = ("stay quantized", "Dequantizing the whole model", "weights stay packed",
+                 "its weights packed is fastest")
+# The reminder generate() prints past config.max_position_embeddings: while a ropekit patch is live the model
+# runs there on purpose (dropped only while at least one RopePatch is active).
+_LENGTH_LOGGERS = ("transformers.generation.stopping_criteria",)
+_LENGTH_PHRASES = ("exceeded the model's predefined maximum length",)
+_length_filter: list = [None, 0]  # [filter, number of live patches]
+
+
+@contextlib.contextmanager
+def _dropping(loggers: tuple[str, ...], phrases: tuple[str, ...]) -> Iterator[None]:
+    flt = _DropRecords(phrases)
+    targets = [logging.getLogger(name) for name in loggers]
+    for logger in targets:
+        logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        for logger in targets:
+            logger.removeFilter(flt)
+
+
+def _hold_length_notes(add: bool) -> None:
+    """Reference-counted filter for generate()'s length reminder, held while any RopePatch is live."""
+    flt, count = _length_filter
+    if add:
+        if count == 0:
+            flt = _DropRecords(_LENGTH_PHRASES)
+            for name in _LENGTH_LOGGERS:
+                logging.getLogger(name).addFilter(flt)
+            _length_filter[0] = flt
+        _length_filter[1] = count + 1
+    elif count > 0:
+        _length_filter[1] = count - 1
+        if count == 1:
+            for name in _LENGTH_LOGGERS:
+                logging.getLogger(name).removeFilter(flt)
+            _length_filter[0] = None
+
+
+def _quiet_length_warning(tokenizer: Any) -> None:
+    """ropekit tokenizes texts past model_max_length on purpose (it measures there and windows the ids itself):
+    mark the tokenizer's one-time "Token indices sequence length is longer..." warning as already given.
+    Only this tokenizer object is affected; model_max_length (saved with an export) is left as it was."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags["sequence-length-is-longer-than-the-specified-maximum"] = True
+
+
 def load_model(
     source: str | Path,
     *,
@@ -205,8 +442,14 @@ def load_model(
         dtype: None (bfloat16 on a GPU, float32 on the CPU), "float32", "bfloat16" or "float16".
         gguf_file: the file name inside ``source`` (a folder or hub repo) when loading a GGUF that way.
     Raises:
-        FileNotFoundError: a local path that does not exist (or a hub id that cannot be found).
-        ValueError: a model family without RoPE or not supported, bad device/dtype.
+        FileNotFoundError: a local path, config.json, weights or tokenizer that does not exist (or a hub id that
+            cannot be found).
+        ValueError: a model family without RoPE or not supported, bad device/dtype, an unreadable or corrupt
+            file (see ``check_model_source``, which runs first).
+
+    The tokenizer's "sequence length is longer than the specified maximum" warning is marked as given (ropekit
+    goes past the trained length on purpose); GGUF sources load without transformers' notes about quantized
+    weights (ropekit always dequantizes them to ``dtype``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,15 +458,9 @@ def load_model(
     label = str(source)
     if str(source) == "demo":
         source = demo_model_path()
+    check_model_source(source, gguf_file)
     path = Path(str(source)).expanduser()
     is_local = path.exists()
-    if not is_local and _looks_like_path(str(source)):
-        raise FileNotFoundError(f"model not found: {source} (no such file or folder)")
-    if is_local and path.is_file() and path.suffix != ".gguf" and gguf_file is None:
-        raise ValueError(f"model: {source} is a file but not a .gguf; pass a model folder (config.json + "
-                         f"weights), a .gguf file or a hub id")
-    if is_local and path.is_dir() and gguf_file is None and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {source} has no config.json")
 
     is_gguf = gguf_file is not None or path.suffix == ".gguf"
     folder, name = _split_gguf(path, gguf_file) if is_gguf else (str(path) if is_local else str(source), None)
@@ -233,12 +470,22 @@ def load_model(
     except OSError as exc:  # hub lookups without a local path end here
         raise FileNotFoundError(
             f"model not found: {source!r} is not a local file or folder, and loading it from the Hugging Face "
-            f"hub failed ({str(exc).splitlines()[0]})"
+            f"hub failed ({_first_line(exc)})"
         ) from None
     family = check_family(config.get("model_type"))
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    quiet = _dropping(_GGUF_LOGGERS, _GGUF_PHRASES) if is_gguf else contextlib.nullcontext()
+    try:
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception as exc:
+        # What the file checks cannot see (a damaged .bin, a hub download failing): one line, not a traceback.
+        # Only errors about reading the files: OSError and the file-format errors of safetensors / pickle.
+        if not (isinstance(exc, OSError) or type(exc).__name__ in ("SafetensorError", "UnpicklingError")):
+            raise
+        raise ValueError(f"model: could not load {label} ({_first_line(exc)})") from None
+    _quiet_length_warning(tokenizer)
     model.to(device=dev, dtype=torch_dtype)
     model.eval()
     if is_gguf:
@@ -282,7 +529,8 @@ class _Rotation:
         self.adapter = adapter
         self.module_name = module_name
         self.layout = layout
-        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None  # GPT-J: half tables for this call
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None  # GPT-J < 5.24: half tables for this call
+        self.calls = 0  # dispatcher calls, so a wrapper can tell that its attention really went through ropekit
 
 
 class RopekitRotaryAdapter(nn.Module):
@@ -290,12 +538,15 @@ class RopekitRotaryAdapter(nn.Module):
 
     ``forward(x, position_ids)`` returns full-size float32 tables (batch, seq, rotary_dim) in the
     rotate-half arrangement transformers passes to its attention (``cat(c, c)``); the dispatcher takes the
-    first half back and rotates with ``ropekit.rotate``. Holds no parameters or buffers.
+    first half back and rotates with ``ropekit.rotate``. With ``gptj_order=True`` (GPT-J's
+    ``GPTJRotaryEmbedding``, transformers >= 5.24) it returns GPT-J's ``(sin, cos)``, each (batch, seq,
+    rotary_dim/2). Holds no parameters or buffers.
     """
 
-    def __init__(self, rope: RotaryEmbedding) -> None:
+    def __init__(self, rope: RotaryEmbedding, gptj_order: bool = False) -> None:
         super().__init__()
         self.rope = rope
+        self.gptj_order = gptj_order
         self.fixed_length: int | None = None
         self._last: tuple[Any, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -322,6 +573,8 @@ class RopekitRotaryAdapter(nn.Module):
             raise ValueError("position_ids: required by the ropekit rotary adapter")
         cos, sin = self.half_tables(position_ids)
         self._last = None  # rotary-module families: one call per forward, nothing to share
+        if self.gptj_order:
+            return sin, cos
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
     def extra_repr(self) -> str:
@@ -341,10 +594,19 @@ def _neox_apply(rotation: _Rotation, q, k, cos, sin, unsqueeze_dim=1, *args, **k
 
 
 def _gptj_apply(rotation: _Rotation, tensor, sin=None, cos=None, *args, **kwargs):
-    """GPT-J: (batch, seq, heads, rotary_dim) rotated with ropekit's interleaved tables for this call."""
-    if rotation.tables is None:
-        raise RuntimeError("ropekit: GPT-J attention ran without ropekit tables; the patch is out of sync")
-    c, s = rotation.tables
+    """GPT-J: (batch, seq, heads, rotary_dim) rotated with ropekit's interleaved tables for this call.
+
+    transformers < 5.24: the tables the attention wrapper built (``rotation.tables``); >= 5.24: the (sin, cos)
+    the adapter returned in place of ``GPTJRotaryEmbedding``, passed through by the attention."""
+    if rotation.tables is not None:
+        c, s = rotation.tables
+    else:
+        half = rotation.adapter.rope.cfg.rotary_dim // 2
+        for t in (sin, cos):
+            if not isinstance(t, torch.Tensor) or t.shape[-1] != half or t.dtype != torch.float32:
+                raise RuntimeError(f"ropekit: GPT-J attention got sin/cos that are not the adapter's float32 "
+                                   f"tables of width {half}; the patch is out of sync with the model")
+        c, s = cos, sin
     return rotate(tensor, c.unsqueeze(2), s.unsqueeze(2), rotation.layout)
 
 
@@ -364,6 +626,7 @@ def _install_dispatcher(module_name: str, apply_fn: Callable) -> None:
         rotation = _ACTIVE.get()
         if rotation is None or rotation.module_name != module_name:
             return original(*args, **kwargs)
+        rotation.calls += 1
         return apply_fn(rotation, *args, **kwargs)
 
     apply_rotary_pos_emb._ropekit_original = original  # type: ignore[attr-defined]
@@ -405,7 +668,8 @@ class RopePatch:
         self.config = cfg
         self.rope = rope
         self.family = family
-        self.adapter = RopekitRotaryAdapter(rope)
+        self.adapter = RopekitRotaryAdapter(rope, gptj_order=False)
+        self._holds_length_notes = False
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self._wrapped: list[nn.Module] = []
         self._module_name: str | None = None
@@ -434,6 +698,10 @@ class RopePatch:
             attn.__dict__.pop("forward", None)
         if self._module_name is not None:
             _uninstall_dispatcher(self._module_name)
+            self._module_name = None
+        if self._holds_length_notes:
+            _hold_length_notes(False)
+            self._holds_length_notes = False
         self.model.__dict__.pop("_ropekit_patch", None)
         self._replaced.clear()
         self._wrapped.clear()
@@ -451,51 +719,75 @@ class RopePatch:
 
     # ------------------------------------------------------------------ installation
     def _install(self) -> None:
-        model = self.model
+        model, family = self.model, self.family
         rotary = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                   if type(child).__name__.endswith(_MODEL_ROPE_MODULE_SUFFIX)]
-        gptj = self.family == "gptj"
+        gptj = family == "gptj"
+        legacy_gptj = False  # transformers < 5.24: sin/cos tables inside each GPTJAttention
         if gptj:
-            attn_classes = [m for m in model.modules() if type(m).__name__.startswith("GPTJ")
-                            and type(m).__name__.endswith(("Attention", "Attention2"))]
-            if not attn_classes:
-                raise ValueError("gptj: found no GPTJAttention modules in the model")
-            module_name = type(attn_classes[0]).__module__
+            gptj_attentions = [m for m in model.modules() if type(m).__name__.startswith("GPTJ")
+                               and type(m).__name__.endswith(("Attention", "Attention2"))]
+            if not gptj_attentions:
+                raise _structure_error(family, "found no GPTJAttention modules")
+            module_name = type(gptj_attentions[0]).__module__
+            if rotary:
+                self.adapter.gptj_order = True
+            elif all(isinstance(getattr(a, "embed_positions", None), torch.Tensor)
+                     and "position_ids" in inspect.signature(a.forward).parameters for a in gptj_attentions):
+                legacy_gptj = True
+            else:
+                raise _structure_error(family, "GPT-J keeps its sin/cos neither in a GPTJRotaryEmbedding module nor "
+                                               "in GPTJAttention.embed_positions (with a position_ids argument)")
         else:
             if not rotary:
-                raise ValueError(f"{self.family}: found no *RotaryEmbedding module in the model; "
-                                 f"is this a {SUPPORTED_FAMILIES[self.family]} model?")
+                raise _structure_error(family, f"found no *{_MODEL_ROPE_MODULE_SUFFIX} module")
             module_name = type(rotary[0][2]).__module__
+        module = sys.modules.get(module_name)
+        if module is None or not callable(getattr(module, "apply_rotary_pos_emb", None)):
+            raise _structure_error(family, f"the modeling module {module_name} has no apply_rotary_pos_emb")
         attentions = _attention_modules(model, module_name)
         if not attentions:
-            raise ValueError(f"{self.family}: found no attention modules from {module_name}")
+            raise _structure_error(family, f"found no *Attention modules from {module_name}")
         rotation = _Rotation(self.adapter, module_name, self.config.layout)
         _install_dispatcher(module_name, _gptj_apply if gptj else _neox_apply)
         self._module_name = module_name
         try:
-            for parent, name, child in ([] if gptj else rotary):
+            for parent, name, child in ([] if legacy_gptj else rotary):
                 setattr(parent, name, self.adapter)
                 self._replaced.append((parent, name, child))
             for attn in attentions:
-                attn.forward = self._wrap_attention(attn, rotation, gptj)
+                attn.forward = self._wrap_attention(attn, rotation, legacy_gptj)
                 self._wrapped.append(attn)
         except Exception:
             self._active = True
             self.remove()
             raise
+        _hold_length_notes(True)
+        self._holds_length_notes = True
         model.__dict__["_ropekit_patch"] = self
         self._active = True
 
-    def _wrap_attention(self, attn: nn.Module, rotation: _Rotation, gptj: bool) -> Callable:
+    def _wrap_attention(self, attn: nn.Module, rotation: _Rotation, legacy_gptj: bool) -> Callable:
         forward = attn.forward  # the bound class method
-        if not gptj:
+        family = self.family
+
+        def check_rotated(calls_before: int, current: _Rotation) -> None:
+            if current.calls == calls_before:
+                raise _structure_error(family, f"{type(attn).__name__}.forward did not call "
+                                               f"{rotation.module_name}.apply_rotary_pos_emb, so ropekit could not "
+                                               f"rotate q and k")
+
+        if not legacy_gptj:
             @functools.wraps(forward)
             def patched_forward(*args, **kwargs):
+                before = rotation.calls
                 token = _ACTIVE.set(rotation)
                 try:
-                    return forward(*args, **kwargs)
+                    out = forward(*args, **kwargs)
                 finally:
                     _ACTIVE.reset(token)
+                check_rotated(before, rotation)
+                return out
             return patched_forward
 
         signature = inspect.signature(forward)
@@ -514,9 +806,11 @@ class RopePatch:
             bound.arguments["position_ids"] = position_ids.clamp(max=max_positions - 1)
             token = _ACTIVE.set(local)
             try:
-                return forward(*bound.args, **bound.kwargs)
+                out = forward(*bound.args, **bound.kwargs)
             finally:
                 _ACTIVE.reset(token)
+            check_rotated(0, local)
+            return out
         return patched_gptj_forward
 
 
@@ -629,13 +923,15 @@ def export_model(
     """Write a checkpoint that plain ``transformers`` loads with ``cfg`` applied (no ropekit needed).
 
     The folder holds ``model.safetensors`` (or shards), ``config.json`` (see ``hf_config_for``), the tokenizer,
-    ``generation_config.json`` and ``ropekit.json`` (the RopeConfig, for the record). It is written to a
-    temporary folder next to ``out_dir`` and renamed into place, so a failure leaves no half-written folder.
+    ``generation_config.json`` and ``ropekit.json`` (the RopeConfig, for the record). It is written through
+    ``ropekit.output.OutputDir``: staged inside ``out_dir`` and renamed into place file by file once complete,
+    so a failure leaves the folder as it was; files ropekit did not write are never removed.
 
     Args:
         loaded_or_model: a ``LoadedModel`` or a transformers model (patched or not; the weights are the same).
         cfg: the RoPE to export.
-        out_dir: destination folder; must not exist or be empty unless ``overwrite``.
+        out_dir: destination folder: new, empty, or an earlier export; one holding other files only with
+            ``overwrite`` (they are kept; the export's own files replace theirs of the same name).
         tokenizer: saved with the model (default: the LoadedModel's).
         dtype: cast the saved weights (default: as loaded).
     Returns:
@@ -649,19 +945,9 @@ def export_model(
     if not isinstance(cfg, RopeConfig):
         raise ValueError(f"cfg: expected a RopeConfig, got {type(cfg).__name__}")
     hf_config_for(model.config, cfg)  # fail before writing anything
-    out = Path(out_dir).expanduser()
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"out_dir: {out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"out_dir: {out} exists and is not empty (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
-    try:
-        target_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
+    target_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
+    with OutputDir(out_dir, command="export", option="out_dir", overwrite=overwrite) as out:
+        tmp = out.root
         save_model = model
         if target_dtype is not None and next(model.parameters()).dtype != target_dtype:
             import copy
@@ -678,17 +964,7 @@ def export_model(
 
         (tmp / "ropekit.json").write_text(json.dumps(
             {"ropekit_version": __version__, "rope": cfg.to_dict()}, indent=2) + "\n")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return out.folder
 
 
 @contextlib.contextmanager

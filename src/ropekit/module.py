@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from ropekit.config import RopeConfig
+from ropekit.kernels.dispatch import apply_rotary, check_backend
 from ropekit.methods import Frequencies, frequencies
-from ropekit.rotation import apply_rotary, cos_sin, reapply_frequencies, rerotate, resolve_positions
+from ropekit.rotation import cos_sin, reapply_frequencies, rerotate, resolve_positions
 
 DYNAMIC_POLICIES = ("freeze", "recompute")
 FREQUENCY_CACHE_SIZE = 16  # resolved (seq_len, device) entries kept per module
@@ -51,8 +52,6 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: RopeConfig, *, heads_first: bool = True, dynamic_policy: str = "freeze",
                  check_positions: bool = False, backend: str = "auto") -> None:
         super().__init__()
-        from ropekit.kernels.dispatch import check_backend
-
         check_backend(backend)
         self.backend = backend
         if not isinstance(cfg, RopeConfig):
@@ -69,6 +68,8 @@ class RotaryEmbedding(nn.Module):
         self._frozen_seq_len: int | None = None
         # (seq_len, device) -> Frequencies; bounded, since "recompute" decoding meets a new length every token.
         self._cache: OrderedDict[tuple, Frequencies] = OrderedDict()
+        if not cfg.length_dependent:
+            self.frequencies()  # resolved now, so that a compiled forward finds it cached on the CPU
 
     # ------------------------------------------------------------------ frequencies
     @property
@@ -84,12 +85,23 @@ class RotaryEmbedding(nn.Module):
         """Frequencies for a sequence of ``seq_len`` tokens (ignored unless the method is length-dependent)."""
         key_len = seq_len if self.length_dependent else None
         key = (key_len, str(device))
-        if key not in self._cache:
+        if torch.compiler.is_compiling():
+            # Read the cache, never write it, inside a graph: filling it there would change what the graph
+            # was guarded on and so compile it a second time. A miss is computed in the graph (a few ops).
+            hit = self._cache.get(key)
+            if hit is not None:
+                return hit
             base = self._cache.get((key_len, "cpu"))
-            if base is None:
-                base = frequencies(self.cfg, key_len)
-                self._cache[(key_len, "cpu")] = base
-            self._cache[key] = base.to(device)
+            return (frequencies(self.cfg, key_len) if base is None else base).to(device)
+        if key not in self._cache:
+            # Normal tensors also under torch.inference_mode(): the cache serves every later mode (autograd
+            # cannot save an inference tensor for backward).
+            with torch.inference_mode(False):
+                base = self._cache.get((key_len, "cpu"))
+                if base is None:
+                    base = frequencies(self.cfg, key_len)
+                    self._cache[(key_len, "cpu")] = base
+                self._cache[key] = base.to(device)
         self._cache.move_to_end(key)
         while len(self._cache) > FREQUENCY_CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -136,7 +148,12 @@ class RotaryEmbedding(nn.Module):
         if ref is None:
             raise ValueError("q, k: at least one tensor is needed")
         pos = self._positions(ref, positions)
-        freqs = self.frequencies(self.resolve_seq_len(pos, seq_len), ref.device)
+        if self.length_dependent and torch.compiler.is_compiling():
+            # The scale follows the (data-dependent) length: resolved outside the graph, so the compiled
+            # rotation takes the frequencies as inputs instead of being recompiled for every length.
+            freqs = _frequencies_outside_graph(self, pos, seq_len, ref.device)
+        else:
+            freqs = self.frequencies(self.resolve_seq_len(pos, seq_len), ref.device)
         return apply_rotary(q, k, freqs, pos, heads_first=self.heads_first, backend=self.backend)
 
     def cos_sin(
@@ -156,7 +173,9 @@ class RotaryEmbedding(nn.Module):
     def _check_bound(self, pos: torch.Tensor) -> torch.Tensor:
         if self.check_positions and pos.numel():
             limit = self.max_position
-            if pos.device.type == "cpu":
+            if torch.compiler.is_compiling():  # no host read inside a compiled graph
+                torch._assert_async(pos.max() < limit, f"positions: beyond max_position {limit}")
+            elif pos.device.type == "cpu":
                 if int(pos.max()) >= limit:
                     raise ValueError(f"positions: {int(pos.max())} is beyond max_position {limit} "
                                      f"(positions must be < {limit}; check_positions=True)")
@@ -180,3 +199,9 @@ class RotaryEmbedding(nn.Module):
         c = self.cfg
         return (f"method={c.method}, head_dim={c.head_dim}, rotary_dim={c.rotary_dim}, base={c.base:g}, "
                 f"layout={c.layout}, factor={c.factor}, dynamic_policy={self.dynamic_policy}")
+
+
+@torch.compiler.disable
+def _frequencies_outside_graph(rope: RotaryEmbedding, pos: torch.Tensor, seq_len, device) -> Frequencies:
+    """``rope.frequencies`` at the length its policy picks, run eagerly when called from compiled code."""
+    return rope.frequencies(rope.resolve_seq_len(pos, seq_len), device)

@@ -1,5 +1,10 @@
 """The rotation itself: the pure-PyTorch reference path every fast kernel is tested against.
 
+This module is the reference layer: it imports only ``config`` and ``methods`` (never ``kernels``). The public
+``ropekit.apply_rotary`` / ``ropekit.rotate``, which pick a backend, are in ``ropekit.kernels.dispatch``; the
+checks and helpers they share with the reference (``check_qk``, ``as_frequencies``, ``resolve_positions``,
+``broadcast_table``) live here.
+
 Angles are built in float64 from integer positions and float64 inverse frequencies, cos/sin are taken
 in float64 and rounded once to float32 (float64 for float64 inputs), and the rotation runs in float32
 whatever the input dtype; the output has the input's dtype.
@@ -43,7 +48,13 @@ def resolve_positions(positions: int | Tensor | None, batch: int, seq_len: int, 
     """Normalise ``positions`` to an integer tensor of shape (1, seq) or (batch, seq), checked."""
     if positions is None:
         return torch.arange(seq_len, device=device)[None]
+    compiling = torch.compiler.is_compiling()
     if isinstance(positions, Tensor) and positions.dim() == 0:
+        if compiling and not (positions.is_floating_point() or positions.is_complex()
+                              or positions.dtype == torch.bool):
+            # A 0-d offset tensor under torch.compile: no host read (it would break the graph).
+            torch._assert_async(positions >= 0, "positions: offset must be >= 0")
+            return (positions.to(device=device, dtype=torch.long) + torch.arange(seq_len, device=device))[None]
         positions = int(positions)
     if isinstance(positions, bool) or isinstance(positions, float):
         raise ValueError(f"positions: must be integers, got {positions!r}")
@@ -63,7 +74,10 @@ def resolve_positions(positions: int | Tensor | None, batch: int, seq_len: int, 
             f"got {tuple(positions.shape)}"
         )
     positions = positions.to(device=device)
-    if positions.device.type == "cpu":
+    if compiling:  # no host read inside a compiled graph (it would break it): checked in the graph instead
+        if positions.numel():
+            torch._assert_async(positions.min() >= 0, "positions: must be >= 0")
+    elif positions.device.type == "cpu":
         if positions.numel() and int(positions.min()) < 0:
             raise ValueError(f"positions: must be >= 0, got minimum {int(positions.min())}")
     elif positions.numel():
@@ -129,8 +143,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: str = "neox", conjugate:
     return out
 
 
-def _check_qk(q: Tensor, k: Tensor | None, rotary_dim: int, heads_first: bool) -> tuple[int, int]:
-    """Validate shapes; return (batch, seq)."""
+def check_qk(q: Tensor, k: Tensor | None, rotary_dim: int, heads_first: bool) -> tuple[int, int]:
+    """Validate q/k (either may be None) against ``rotary_dim`` and each other; return (batch, seq)."""
     for name, t in (("q", q), ("k", k)):
         if t is None:
             continue
@@ -157,7 +171,7 @@ def _check_qk(q: Tensor, k: Tensor | None, rotary_dim: int, heads_first: bool) -
     return batch, ref.shape[seq_axis]
 
 
-def _broadcast_table(t: Tensor, ndim: int, heads_first: bool) -> Tensor:
+def broadcast_table(t: Tensor, ndim: int, heads_first: bool) -> Tensor:
     """(B|1, S, d/2) table -> broadcastable to the input layout."""
     t = t.unsqueeze(-3) if heads_first else t.unsqueeze(-2)  # add the heads axis
     if ndim == 3:
@@ -165,7 +179,8 @@ def _broadcast_table(t: Tensor, ndim: int, heads_first: bool) -> Tensor:
     return t
 
 
-def _as_frequencies(freqs: Frequencies | RopeConfig, seq_len: int | None) -> Frequencies:
+def as_frequencies(freqs: Frequencies | RopeConfig, seq_len: int | None) -> Frequencies:
+    """``freqs`` itself, or a RopeConfig resolved at ``seq_len`` (see ``ropekit.frequencies``)."""
     if isinstance(freqs, RopeConfig):
         return frequencies(freqs, seq_len)
     if isinstance(freqs, Frequencies):
@@ -173,7 +188,7 @@ def _as_frequencies(freqs: Frequencies | RopeConfig, seq_len: int | None) -> Fre
     raise ValueError(f"freqs: expected Frequencies or RopeConfig, got {type(freqs).__name__}")
 
 
-def apply_rotary(
+def apply_rotary_reference(
     q: Tensor | None,
     k: Tensor | None,
     freqs: Frequencies | RopeConfig,
@@ -182,9 +197,9 @@ def apply_rotary(
     heads_first: bool = True,
     inverse: bool = False,
     seq_len: int | None = None,
-    backend: str = "auto",
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Rotate q and k by their positions (the reference path below, or a fused fast path per ``backend``).
+    """Rotate q and k by their positions: the float64-angle reference (``ropekit.apply_rotary`` with
+    ``backend="reference"``).
 
     Args:
         q: (batch, q_heads, seq, head_dim) or (batch, seq, q_heads, head_dim) with ``heads_first=False``;
@@ -194,31 +209,35 @@ def apply_rotary(
         positions: None, an int offset, (seq,) or (batch, seq) integer tensor.
         inverse: undo a rotation (rotate by -angle and divide by the attention scale).
         seq_len: current length for length-dependent methods when ``freqs`` is a RopeConfig.
-        backend: "auto" (default), "reference", "cpu" or "triton"; see ``ropekit.kernels.dispatch``.
     Returns:
         (q_rotated, k_rotated), same shapes and dtypes as the inputs.
     """
-    if backend != "reference":
-        from ropekit.kernels.dispatch import dispatch_rotary  # lazy: kernels depend on this module
-
-        fast = dispatch_rotary(q, k, freqs, positions, heads_first=heads_first, inverse=inverse,
-                               seq_len=seq_len, backend=backend)
-        if fast is not None:
-            return fast
     if q is None and k is None:
         raise ValueError("q, k: at least one tensor is needed")
-    f = _as_frequencies(freqs, seq_len)
-    batch, seq = _check_qk(q, k, f.rotary_dim, heads_first)
+    f = as_frequencies(freqs, seq_len)
+    batch, seq = check_qk(q, k, f.rotary_dim, heads_first)
     ref = q if q is not None else k
     pos = resolve_positions(positions, batch, seq, ref.device)
     compute = torch.float64 if ref.dtype == torch.float64 else torch.float32
     scale = 1.0 / f.attention_scale if inverse else f.attention_scale
     cos, sin = cos_sin(f, pos, dtype=compute, scale=scale)
-    cos = _broadcast_table(cos, ref.dim(), heads_first)
-    sin = _broadcast_table(sin, ref.dim(), heads_first)
+    cos = broadcast_table(cos, ref.dim(), heads_first)
+    sin = broadcast_table(sin, ref.dim(), heads_first)
     out_q = None if q is None else rotate(q, cos, sin, f.layout, conjugate=inverse)
     out_k = None if k is None else rotate(k, cos, sin, f.layout, conjugate=inverse)
     return out_q, out_k
+
+
+def apply_rotary(q, k, freqs, positions=None, *, heads_first: bool = True, inverse: bool = False,
+                 seq_len: int | None = None, backend: str = "reference"):
+    """``apply_rotary_reference`` under its old import path, for older callers (``ropekit.kernels.bench``).
+
+    Only ``backend="reference"``: ``ropekit.apply_rotary`` (``ropekit.kernels.dispatch``) picks backends.
+    """
+    if backend != "reference":
+        raise ValueError(f"backend: ropekit.rotation.apply_rotary is the reference only, got {backend!r}; "
+                         f"use ropekit.apply_rotary to choose a backend")
+    return apply_rotary_reference(q, k, freqs, positions, heads_first=heads_first, inverse=inverse, seq_len=seq_len)
 
 
 def rerotate(
@@ -240,8 +259,8 @@ def rerotate(
         delta: int; or an integer tensor: (batch,) one shift per row, (seq,) one per key, or anything
             broadcastable to (batch, seq). A 1-D tensor with batch == seq is refused as ambiguous.
     """
-    f = _as_frequencies(freqs, None)
-    batch, seq = _check_qk(None, k, f.rotary_dim, heads_first)
+    f = as_frequencies(freqs, None)
+    batch, seq = check_qk(None, k, f.rotary_dim, heads_first)
     if isinstance(delta, Tensor):
         if delta.is_floating_point():
             raise ValueError(f"delta: must be an integer tensor, got dtype {delta.dtype}")
@@ -269,8 +288,8 @@ def rerotate(
         angle = rotation_angles(f, new) - rotation_angles(f, old)
     else:
         angle = delta_t.to(torch.float64)[..., None] * f.inv_freq64.to(k.device)
-    cos = _broadcast_table(torch.cos(angle).to(compute), k.dim(), heads_first)
-    sin = _broadcast_table(torch.sin(angle).to(compute), k.dim(), heads_first)
+    cos = broadcast_table(torch.cos(angle).to(compute), k.dim(), heads_first)
+    sin = broadcast_table(torch.sin(angle).to(compute), k.dim(), heads_first)
     return rotate(k, cos, sin, f.layout)
 
 
@@ -289,8 +308,8 @@ def reapply_frequencies(
     """
     if old.rotary_dim != new.rotary_dim or old.layout != new.layout:
         raise ValueError("old, new: frequencies must have the same rotary_dim and layout")
-    unrotated = apply_rotary(None, k, old, positions, heads_first=heads_first, inverse=True)[1]
-    return apply_rotary(None, unrotated, new, positions, heads_first=heads_first)[1]
+    unrotated = apply_rotary_reference(None, k, old, positions, heads_first=heads_first, inverse=True)[1]
+    return apply_rotary_reference(None, unrotated, new, positions, heads_first=heads_first)[1]
 
 
 # ---------------------------------------------------------------------- checkpoint conversion

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -15,15 +13,9 @@ from typing_extensions import Annotated
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write ``data`` as JSON to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ropekit.output import write_file_atomic
+
+    write_file_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def bench_command(
@@ -37,35 +29,36 @@ def bench_command(
                                                    "avoids thread-barrier stalls on a busy machine")] = None,
     shapes: Annotated[Optional[str], typer.Option("--shapes", help="comma-separated subset: prefill-gqa, batch-mha, "
                                                   "decode-128k (tiny-prefill, tiny-decode)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --json file")] = False,
 ) -> None:
     """Time RoPE implementations (medians) and print a table of ratios to transformers and to the copy bound."""
     import torch
 
     from ropekit.kernels import bench
 
+    from ropekit.commands.common import check_file_or_exit, check_positive, error_exit
+
     if device not in ("auto", "cpu", "cuda"):
-        typer.echo(f"error: --device: {device!r} not accepted; accepted: auto, cpu, cuda", err=True)
-        raise typer.Exit(1)
+        error_exit(f"--device: {device!r} not accepted; accepted: auto, cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        typer.echo("error: --device cuda: no CUDA device is available", err=True)
-        raise typer.Exit(1)
+        error_exit("--device: cuda asked for but torch sees no CUDA GPU (use --device cpu or auto)")
+    check_positive(threads=(threads, 1), repeats=(repeats, 1), warmup=(warmup, 1))
+    check_file_or_exit(json_path, overwrite)
     names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    unknown_dtypes = [d for d in names if d not in bench.DTYPES]
+    if unknown_dtypes or not names:
+        error_exit(f"--dtypes: {dtypes!r} not accepted; accepted: {', '.join(bench.DTYPES)}")
+    shape_names = tuple(x.strip() for x in shapes.split(",") if x.strip()) if shapes else None
+    known = {sh.name for sh in bench.FULL_SHAPES + bench.QUICK_SHAPES}
+    if shape_names is not None and (not shape_names or set(shape_names) - known):
+        error_exit(f"--shapes: {shapes!r} not accepted; accepted: {', '.join(known)}")
     if threads is not None:
-        if threads < 1:
-            typer.echo(f"error: --threads: must be >= 1, got {threads}", err=True)
-            raise typer.Exit(1)
         torch.set_num_threads(threads)
-    for value, name in ((repeats, "--repeats"), (warmup, "--warmup")):
-        if value is not None and value < 1:
-            typer.echo(f"error: {name}: must be >= 1, got {value}", err=True)
-            raise typer.Exit(1)
     try:
-        shape_names = tuple(x.strip() for x in shapes.split(",") if x.strip()) if shapes else None
         result = bench.run(quick=quick, device=device, dtypes=names, repeats=repeats, warmup=warmup,
                            log=lambda line: typer.echo(line, err=True), shape_names=shape_names)
     except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        error_exit(str(err))
     typer.echo(bench.format_table(result))
     if json_path is not None:
         write_json_atomic(json_path, result)

@@ -1,55 +1,166 @@
-"""Helpers every sub-command shares: CLI method options -> RopeConfig, model loading, one-line errors.
+"""Helpers every sub-command shares: method options from the registry, checks before work, one-line errors.
 
-Typer options are shared as ``Annotated`` aliases (``MethodOpt``, ``FactorOpt``, ...): a command declares
-``factor: FactorOpt = None`` and passes its method options to ``build_rope_config``.
+Method options are not declared per command: ``@with_method_options`` adds one option per parameter of
+``ropekit.methods.parameters()`` (``--factor``, ``--beta-fast``, ``--factors-file``, ...) to a command, which
+receives the ones given as ``method_options: dict`` and turns them into a RoPE with ``extend_rope``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import re
 import sys
+import typing
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 from typing_extensions import Annotated
 
 from ropekit.config import RopeConfig
-from ropekit.methods import get_method, method_names
+from ropekit.methods import get_method, method_names, parameters
 
-# CLI option name -> RopeConfig field
-OPTION_FIELDS = {
-    "beta_fast": "beta_fast",
-    "beta_slow": "beta_slow",
-    "attention_factor": "attention_factor",
-    "mscale": "mscale",
-    "mscale_all_dim": "mscale_all_dim",
-    "truncate": "truncate",
-    "original_length": "original_max_position",
-    "target_length": "max_position",
-    "low_freq_factor": "low_freq_factor",
-    "high_freq_factor": "high_freq_factor",
-    "new_base": "new_base",
-    "n_hat": "n_hat",
-}
+# ---------------------------------------------------------------------- method options, from the registry
+# Short aliases kept from before the registry drove the options.
+SHORT_FLAGS = {"--factor": "-f"}
+# Flags that are not a RopeConfig field of their own.
+FACTORS_FILE = "--factors-file"
+
+
+@functools.lru_cache(maxsize=1)
+def method_option_table() -> tuple[tuple[str, str, tuple[str, ...], Any, str], ...]:
+    """One row per method option: (flag, python name, RopeConfig fields it sets, annotation, help)."""
+    rows: dict[str, list] = {}
+    for param, users in parameters():
+        dest = param.flag.lstrip("-").replace("-", "_")
+        if param.flag in rows:  # --factors-file sets short_factor and long_factor
+            rows[param.flag][2] += (param.field,)
+            continue
+        readers = ", ".join(users)
+        if param.type == "float_list":
+            kind, decls = Optional[Path], [param.flag]
+            text = (f"{', '.join(users)}: JSON file with short_factor and long_factor lists (rotary_dim/2 numbers "
+                    f"each), optional n_hat, factor, attention_factor")
+        elif param.type == "bool":
+            kind, decls = Optional[bool], [f"{param.flag}/--no-{param.flag[2:]}"]
+            text = f"{readers}: {param.help}" + ("" if param.default is None else f" (default {param.default})")
+        else:
+            kind = Optional[float] if param.type == "float" else Optional[int]
+            decls = [param.flag] + ([SHORT_FLAGS[param.flag]] if param.flag in SHORT_FLAGS else [])
+            text = f"{readers}: {param.help}" + ("" if param.default is None else f" (default {param.default:g})")
+        annotation = Annotated[kind, typer.Option(*decls, help=text, show_default=False)]
+        rows[param.flag] = [param.flag, dest, (param.field,), annotation, text]
+    return tuple(tuple(r) for r in rows.values())
+
+
+def with_method_options(command: Callable) -> Callable:
+    """Add every registry method option to a typer ``command`` that takes ``method_options``.
+
+    The command receives ``method_options``: ``{python name: value}`` of the options the user gave
+    (``{"factor": 2.0, "beta_fast": 16.0}``).
+    """
+    signature = inspect.signature(command)
+    # Resolve the command's own (string) annotations in its module: typer reads them from the wrapper.
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()
+           if p.name != "method_options"]
+    table = method_option_table()
+    added = [inspect.Parameter(dest, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+             for _flag, dest, _fields, annotation, _help in table]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {dest: kwargs.pop(dest) for _f, dest, *_ in table if dest in kwargs}
+        return command(*args, **kwargs, method_options={k: v for k, v in given.items() if v is not None})
+
+    wrapper.__signature__ = signature.replace(parameters=own + added)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+    del wrapper.__wrapped__  # typer must read the new signature, not the wrapped function's
+    return wrapper
+
+
+def option_fields(dest: str) -> tuple[str, ...]:
+    """RopeConfig fields set by the option ``dest`` (python name)."""
+    for _flag, name, fields, *_ in method_option_table():
+        if name == dest:
+            return fields
+    raise ValueError(f"options: unknown {dest!r}; accepted: {', '.join(r[1] for r in method_option_table())}")
+
+
+def field_flags() -> dict[str, str]:
+    """RopeConfig field (and extend's own argument names) -> the CLI flag a user typed."""
+    flags = {field: flag for flag, _dest, fields, *_ in method_option_table() for field in fields}
+    return {**flags, "method": "--method", "factors_file": FACTORS_FILE, "target_length": "--target-length"}
+
+
+def cli_message(message: str, renames: dict[str, str] | None = None) -> str:
+    """A library error that starts with a field name (``beta_fast: ...``, ``seq_len: ...``) restated with the flag
+    the user typed: ``renames`` (a command's own ``{field: flag}``) first, then the registry's method fields.
+    The one place where library field names become CLI option names."""
+    head, sep, rest = message.partition(":")
+    if not sep:
+        return message
+    key = head.strip()
+    flag = (renames or {}).get(key) or field_flags().get(key)
+    if not flag:
+        return message
+    return f"{flag}:" + re.sub(r"\bby method '([\w.-]+)'", r"by --method \1", rest)
+
+
+def flags_for(*fields: str) -> dict[str, str]:
+    """``{field: --field-with-dashes}`` for fields whose flag is their name (``seq_len`` -> ``--seq-len``)."""
+    return {f: "--" + f.replace("_", "-") for f in fields}
+
+
+def extend_rope(base_cfg: RopeConfig, method: str, method_options: dict[str, Any] | None = None, *,
+                target_length: int | None = None) -> RopeConfig:
+    """``base_cfg.extend(method, ...)`` from CLI method options; ValueError messages name the flag."""
+    options = dict(method_options or {})
+    factor = options.pop("factor", None)
+    factors_file = options.pop("factors_file", None)
+    fields = {option_fields(dest)[0]: value for dest, value in options.items() if value is not None}
+    try:
+        return base_cfg.extend(method, factor, target_length=target_length, factors_file=factors_file, **fields)
+    except ValueError as exc:
+        raise ValueError(cli_message(str(exc))) from None
+
+
+def extend_or_exit(base_cfg: RopeConfig, method: str, method_options: dict[str, Any] | None = None, *,
+                   target_length: int | None = None) -> RopeConfig:
+    """``extend_rope`` with its errors as one-line CLI errors (exit 2)."""
+    try:
+        return extend_rope(base_cfg, method, method_options, target_length=target_length)
+    except (FileNotFoundError, ValueError) as exc:
+        error_exit(str(exc))
+
+
+def options_for(method: str, method_options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``method_options`` that ``method`` reads (``--original-length`` goes to every method)."""
+    reads = set(get_method(method).reads) | {"original_max_position"}
+    return {dest: v for dest, v in method_options.items() if set(option_fields(dest)) & reads}
+
+
+def check_options_used(methods: list[str], method_options: dict[str, Any]) -> None:
+    """ValueError naming the first option that none of ``methods`` reads, and the methods that do."""
+    for flag, dest, fields, *_ in method_option_table():
+        if dest in method_options and not any(options_for(m, {dest: 1}) for m in methods):
+            users = sorted({m for f in fields for m in method_names() if f in get_method(m).reads})
+            raise ValueError(f"{flag}: not used by --method {','.join(methods)}; it is an option of: "
+                             f"{', '.join(users)}")
+
+
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help=f"scaling method: {', '.join(method_names())}")]
+
 
 # ---------------------------------------------------------------------- shared typer options
 MODEL_HELP = ("a model folder (config.json + safetensors), a .gguf file, a hub id, or 'demo' "
               "(the bundled SmolLM2-135M, the default)")
 ModelArg = Annotated[Optional[str], typer.Argument(help=MODEL_HELP, show_default=False)]
-MethodOpt = Annotated[str, typer.Option("--method", "-m", help=f"scaling method: {', '.join(method_names())}")]
-FactorOpt = Annotated[Optional[float], typer.Option("--factor", "-f", help="scale s = target length / trained length")]
-BetaFastOpt = Annotated[Optional[float], typer.Option("--beta-fast", help="yarn: ramp starts at pairs turning this often (32)")]
-BetaSlowOpt = Annotated[Optional[float], typer.Option("--beta-slow", help="yarn: ramp ends at pairs turning this often (1)")]
-AttentionFactorOpt = Annotated[Optional[float], typer.Option("--attention-factor", help="yarn/longrope: final cos/sin multiplier (default from the factor)")]
-MscaleOpt = Annotated[Optional[float], typer.Option("--mscale", help="yarn (DeepSeek): mscale")]
-MscaleAllDimOpt = Annotated[Optional[float], typer.Option("--mscale-all-dim", help="yarn (DeepSeek): mscale_all_dim")]
-OriginalLengthOpt = Annotated[Optional[int], typer.Option("--original-length", help="trained context length L (default: the model's)")]
-LowFreqOpt = Annotated[Optional[float], typer.Option("--low-freq-factor", help="llama3: low_freq_factor (1)")]
-HighFreqOpt = Annotated[Optional[float], typer.Option("--high-freq-factor", help="llama3: high_freq_factor (4)")]
-NewBaseOpt = Annotated[Optional[float], typer.Option("--new-base", help="base: the new rope_theta (e.g. 500000)")]
-FactorsFileOpt = Annotated[Optional[Path], typer.Option("--factors-file", help="longrope: JSON with short_factor and long_factor lists (rotary_dim/2 numbers each), optional n_hat")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu or cuda")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="write into a folder (or over a file) that holds "
+                                            "files ropekit did not write; other files in the folder are kept")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")]
 
 
@@ -59,116 +170,150 @@ def error_exit(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def read_factors_file(path: str | Path) -> dict[str, Any]:
-    """LongRoPE factors from JSON: {"short_factor": [...], "long_factor": [...], ["n_hat": int], ["factor": s]}.
+def fail_on(option: str, message: str) -> NoReturn:
+    """``error_exit`` with a data error (``data: ...``) named as ``option`` (``--data``, ``--haystack``, ...)."""
+    error_exit(cli_message(str(message), {"data": option, "haystack": option}))
 
-    A transformers-style {"rope_parameters": {...}} or {"rope_scaling": {...}} wrapper is accepted too.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"--factors-file: {p} not found")
+
+# ---------------------------------------------------------------------- checks before any work
+def check_out_or_exit(path: Path | None, overwrite: bool, option: str = "--out") -> None:
+    """Refuse (one line, exit 2) an output folder that cannot be written without losing a user's files."""
+    from ropekit.output import OutputError, check_output_dir
+
+    if path is not None:
+        try:
+            check_output_dir(path, option=option, overwrite=overwrite)
+        except OutputError as exc:
+            error_exit(str(exc))
+
+
+def check_file_or_exit(path: Path | None, overwrite: bool, option: str = "--json") -> None:
+    """Refuse (one line, exit 2) an output file that is a folder, or exists and ``--overwrite`` was not given."""
+    from ropekit.output import OutputError, check_output_file
+
+    if path is not None:
+        try:
+            check_output_file(path, option=option, overwrite=overwrite)
+        except OutputError as exc:
+            error_exit(str(exc))
+
+
+def check_data_or_exit(data: str | Path | None, option: str = "--data") -> None:
+    """Refuse (one line, exit 2) evaluation/training text that is missing, empty or unreadable."""
+    from ropekit.evaluation.data import check_documents
+
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--factors-file: {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if isinstance(data, dict):
-        data = data.get("rope_parameters") or data.get("rope_scaling") or data
-    if not isinstance(data, dict) or "short_factor" not in data or "long_factor" not in data:
-        raise ValueError(f"--factors-file: {p} must hold a JSON object with 'short_factor' and 'long_factor' lists")
-    out = {"short_factor": data["short_factor"], "long_factor": data["long_factor"]}
-    for key in ("n_hat", "factor", "attention_factor"):
-        if data.get(key) is not None:
-            out[key] = data[key]
-    return out
+        check_documents(data)
+    except (FileNotFoundError, ValueError) as exc:
+        fail_on(option, str(exc))
 
 
-def build_rope_config(
-    base_cfg: RopeConfig,
-    method: str,
-    factor: float | None = None,
-    *,
-    factors_file: str | Path | None = None,
-    **options: Any,
-) -> RopeConfig:
-    """The model's RoPE (``base_cfg``) extended with ``method`` and CLI-style options.
+def check_device_or_exit(device: str | None, dtype: str | None = None) -> None:
+    """Refuse an unknown ``--device`` / ``--dtype``, or a GPU that is not there, before any model loads."""
+    from ropekit.models import DTYPES, resolve_device
 
-    Args:
-        base_cfg: the model's RoPE as trained (``LoadedModel.rope`` or ``RopeConfig.from_hf``).
-        method: a name of ``ropekit.method_names()`` (aliases such as "pi", "ntk_aware" accepted).
-        factor: the scale s (target length / trained length).
-        factors_file: LongRoPE factors JSON (see ``read_factors_file``).
-        options: ``beta_fast``, ``beta_slow``, ``attention_factor``, ``mscale``, ``mscale_all_dim``, ``truncate``,
-            ``original_length``, ``target_length``, ``low_freq_factor``, ``high_freq_factor``, ``new_base``,
-            ``n_hat``; None values are ignored.
-    Raises:
-        ValueError: a missing or unused parameter, named as the CLI option (``--new-base``, ``--factor``, ...).
-    """
-    from ropekit.config import METHOD_ALIASES
-
-    unknown = set(options) - set(OPTION_FIELDS)
-    if unknown:
-        raise ValueError(f"options: unknown {', '.join(sorted(unknown))}; accepted: {', '.join(OPTION_FIELDS)}")
-    name = METHOD_ALIASES.get(method, method)
-    if name not in method_names():
-        raise ValueError(f"--method: unknown scaling method {method!r}; accepted: {', '.join(method_names())}")
-    spec = get_method(name)
-    reads = set(spec.required) | set(spec.accepted)
-    params: dict[str, Any] = {}
-    for opt, value in options.items():
-        if value is None:
-            continue
-        fld = OPTION_FIELDS[opt]
-        if fld not in reads and fld not in ("original_max_position", "max_position"):
-            users = [m for m in method_names() if fld in set(get_method(m).required) | set(get_method(m).accepted)]
-            raise ValueError(f"--{opt.replace('_', '-')}: not used by --method {name}; it is an option of: "
-                             f"{', '.join(users)}")
-        params[fld] = value
-    if factors_file is not None:
-        if name != "longrope":
-            raise ValueError(f"--factors-file: only used by --method longrope, not {name}")
-        params.update({k: v for k, v in read_factors_file(factors_file).items() if k not in params or k == "n_hat"})
-    if factor is not None:
-        if name == "default":
-            if float(factor) != 1.0:
-                raise ValueError("--factor: --method default (plain RoPE) takes no factor")
-        elif name == "base":
-            raise ValueError("--factor: --method base takes --new-base, not --factor")
-        else:
-            params["factor"] = float(factor)
-
-    if name == "base" and params.get("new_base") is None:
-        raise ValueError(f"--new-base: required by --method base (the new rope_theta; the model's is "
-                         f"{base_cfg.base:g}, e.g. --new-base {base_cfg.base * 10:g})")
-    if name == "longrope" and (params.get("short_factor") is None or params.get("long_factor") is None):
-        raise ValueError(f"--factors-file: --method longrope needs per-pair factors: a JSON file with "
-                         f"'short_factor' and 'long_factor' lists of rotary_dim/2 = {base_cfg.rotary_dim // 2} "
-                         f"numbers each")
-    needs_factor = "factor" in spec.required or name == "longrope"
-    if needs_factor and params.get("factor") is None:
-        raise ValueError(f"--factor: required by --method {name} (the target length over the trained length "
-                         f"{base_cfg.original_max_position or '?'})")
-    if "original_max_position" in spec.required and params.get("original_max_position") is None:
-        if base_cfg.original_max_position is None:
-            raise ValueError(f"--original-length: required by --method {name}; the model's config does not say "
-                             f"its trained length")
-    if params.get("factor") is not None and "max_position" not in params:
-        # The target length follows the new factor (with_method would keep the trained length).
-        original = params.get("original_max_position", base_cfg.original_max_position)
-        params["max_position"] = int(round(params["factor"] * original)) if original else None
     try:
-        return base_cfg.with_method(name, **params)
+        if device is not None:
+            resolve_device(device)
     except ValueError as exc:
-        raise ValueError(_cli_names(str(exc))) from None
+        error_exit(f"--device:{str(exc).partition(':')[2]}")
+    if dtype is not None and dtype not in DTYPES:
+        error_exit(f"--dtype: {dtype!r} not accepted; accepted: {', '.join(DTYPES)}")
 
 
-def _cli_names(message: str) -> str:
-    """Rename RopeConfig field names at the start of an error message to their CLI options."""
-    reverse = {v: k for k, v in OPTION_FIELDS.items()} | {"factor": "factor", "short_factor": "factors_file",
-                                                           "long_factor": "factors_file"}
-    head, sep, rest = message.partition(":")
-    if sep and head in reverse:
-        return f"--{reverse[head].replace('_', '-')}:{rest}"
-    return message
+def check_positive(**values: float | int | None) -> None:
+    """``check_positive(windows=(value, minimum))``-style bounds: one line naming ``--the-option``."""
+    for name, pair in values.items():
+        value, minimum = pair
+        if value is not None and value < minimum:
+            error_exit(f"--{name.replace('_', '-')}: must be >= {minimum}, got {value}")
+
+
+def model_rope_or_exit(source: str | None):
+    """(RopeConfig, display name) of ``source`` from its config alone, after checking that its weights and
+    tokenizer are there: every model problem is reported before any weight is loaded."""
+    try:
+        _check_model_files(source)
+        return rope_from_source(source)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        error_exit(str(exc))
+
+
+def _check_model_files(source: str | None) -> None:
+    from ropekit.models import check_model_source
+
+    check_model_source(source or "demo")
+
+
+# GGUF architectures without rotary embeddings (learned or ALiBi positions).
+GGUF_NO_ROPE_ARCHS = {"gpt2", "bloom", "mpt", "starcoder", "refact", "bert", "nomic-bert", "jina-bert-v2", "t5",
+                      "t5encoder", "mamba", "rwkv6", "jais"}
+# Config keys that show a model has RoPE, for families ropekit cannot patch but can still inspect.
+ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_pct", "rotary_dim", "rotary_emb_base",
+             "partial_rotary_factor")
+
+
+def rope_from_source(source: str | None) -> tuple[RopeConfig, str]:
+    """(RopeConfig, display name) of a model source, from its config or GGUF metadata only.
+
+    ``source``: None or "demo" (the bundled SmolLM2), a ``config.json``, a folder holding one (or a single
+    .gguf), a ``.gguf`` file, or a hub id.
+    """
+    from ropekit.config import read_gguf_metadata
+    from ropekit.models import NO_ROPE_FAMILIES, SUPPORTED_FAMILIES, demo_model_path, read_model_config, \
+        unsupported_family_message
+
+    if source in (None, "demo"):
+        path = demo_model_path()
+        return RopeConfig.from_gguf(path), "SmolLM2-135M-Instruct (demo)"
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise FileNotFoundError(f"model folder {source} has no config.json"
+                                    + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else ""))
+        path = ggufs[0]
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model not found: {source} (no such file)")
+        try:
+            meta = read_gguf_metadata(path)
+        except (ValueError, OSError, IndexError, KeyError) as exc:
+            raise ValueError(f"model {source}: not a readable GGUF file ({exc})") from None
+        arch = meta.get("general.architecture")
+        if arch in GGUF_NO_ROPE_ARCHS:
+            raise ValueError(f"model architecture {arch!r} has no rotary position embeddings (RoPE)")
+        return RopeConfig.from_gguf(meta), meta.get("general.name") or path.stem
+    if not path.exists() and (str(source).startswith((".", "/", "~")) or str(source).endswith(".json")
+                              or str(source).count("/") > 1):
+        raise FileNotFoundError(f"model not found: {source} (no such file or folder)")
+    try:
+        config = read_model_config(path if path.exists() else source)
+    except OSError as exc:
+        raise FileNotFoundError(f"model not found: {source!r} is not a local file or folder, and its config "
+                                f"could not be fetched from the Hugging Face hub ({str(exc).splitlines()[0]})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object (a model's config.json)")
+    model_type = config.get("model_type")
+    if model_type in NO_ROPE_FAMILIES or (model_type not in SUPPORTED_FAMILIES
+                                          and not any(k in config for k in ROPE_KEYS)):
+        raise ValueError(unsupported_family_message(model_type))
+    if path.suffix == ".json":
+        fallback = path.parent.resolve().name if path.name == "config.json" else path.stem
+    else:
+        fallback = path.name
+    name = config.get("_name_or_path") or fallback or str(source)
+    return RopeConfig.from_hf(config), f"{name} ({model_type})" if model_type else name
+
+
+def build_rope_config(base_cfg: RopeConfig, method: str, factor: float | None = None, *,
+                      factors_file: str | Path | None = None, **options: Any) -> RopeConfig:
+    """Deprecated spelling of ``base_cfg.extend(method, factor, ...)`` with CLI option names (kept for callers
+    written before ``RopeConfig.extend``); errors name the CLI flag."""
+    given = dict(options, factor=factor, factors_file=factors_file)
+    return extend_rope(base_cfg, method, {k: v for k, v in given.items() if v is not None})
 
 
 def load_model_or_exit(source: str | None, *, device: str = "auto", dtype: str | None = None):
@@ -177,13 +322,5 @@ def load_model_or_exit(source: str | None, *, device: str = "auto", dtype: str |
 
     try:
         return load_model(source or "demo", device=device, dtype=dtype)
-    except (FileNotFoundError, ValueError) as exc:
-        error_exit(str(exc))
-
-
-def rope_config_or_exit(base_cfg: RopeConfig, method: str, factor: float | None, **options: Any) -> RopeConfig:
-    """``build_rope_config`` with its errors turned into one-line CLI errors (exit 2)."""
-    try:
-        return build_rope_config(base_cfg, method, factor, **options)
     except (FileNotFoundError, ValueError) as exc:
         error_exit(str(exc))

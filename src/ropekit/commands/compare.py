@@ -8,7 +8,22 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ropekit.commands.common import DeviceOpt, DtypeOpt, ModelArg, error_exit, load_model_or_exit
+from ropekit.methods import method_names
+
+from ropekit.commands.common import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelArg,
+    OverwriteOpt,
+    check_data_or_exit,
+    check_device_or_exit,
+    check_out_or_exit,
+    check_positive,
+    error_exit,
+    fail_on,
+    load_model_or_exit,
+    model_rope_or_exit,
+)
 
 DEFAULT_OUT = Path("ropekit-report")
 # The no-argument run (demo model, trained at 8192) must finish in 10 minutes on 2 CPU cores: one
@@ -21,7 +36,9 @@ def compare_command(
     target_length: Annotated[Optional[int], typer.Option("--target-length", "-n", help="the context length to reach, "
                                                          "tokens (default: twice the trained length; 9728 for "
                                                          "the demo model)")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="report folder (replaced atomically)")] = DEFAULT_OUT,
+    out: Annotated[Path, typer.Option("--out", "-o", help="report folder: new, empty, or ropekit's own earlier "
+                                      "report (files are renamed into place when the run is done)")] = DEFAULT_OUT,
+    overwrite: OverwriteOpt = False,
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="evaluation text: a file, a folder, a .jsonl "
                                                 "with a 'text' field, or 'stdlib' (the default)")] = None,
     windows: Annotated[int, typer.Option("--windows", help="real-text windows of the target length per method")] = 1,
@@ -31,8 +48,8 @@ def compare_command(
                                                 "the key is 90% of the prompt away from the question)")] = "0.1",
     passkey_length: Annotated[Optional[int], typer.Option("--passkey-length", help="passkey prompt length "
                                                           "(default: the target length)")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", help="comma-separated subset of: default, linear, "
-                                                   "ntk, dynamic, yarn, dynamic_yarn, llama3, longrope, base")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="comma-separated subset of: "
+                                                   f"{', '.join(method_names(comparable=True))}")] = None,
     original_length: Annotated[Optional[int], typer.Option("--original-length", help="treat the model as trained "
                                                            "at this length (default: its config's)")] = None,
     bucket_size: Annotated[int, typer.Option("--bucket-size", help="tokens per perplexity bucket")] = 1024,
@@ -46,36 +63,57 @@ def compare_command(
     With no arguments: the bundled SmolLM2-135M (trained at 8192 tokens) extended to 9728 tokens, on the
     Python standard library's own sources (under 10 minutes on 2 CPU cores; bf16 where the CPU has native bf16).
     """
-    from ropekit.commands.evaluate import parse_floats
-    from ropekit.evaluation.compare import CompareOptions, run_compare
+    from ropekit.commands.evaluate import parse_depths
+    from ropekit.evaluation.compare import CompareOptions, plan_methods, run_compare
 
-    if data is not None and data != "stdlib" and not Path(data).exists():
-        error_exit(f"--data: no such file or folder: {data}")
-    for name, value, minimum in (("--windows", windows, 1), ("--passkey-trials", passkey_trials, 0),
-                                 ("--bucket-size", bucket_size, 1)):
-        if value < minimum:
-            error_exit(f"{name}: must be >= {minimum}, got {value}")
+    # Every check that needs no weights, before the model loads.
+    check_positive(windows=(windows, 1), passkey_trials=(passkey_trials, 0), bucket_size=(bucket_size, 1),
+                   passkey_length=(passkey_length, 2), original_length=(original_length, 2),
+                   target_length=(target_length, 2))
+    check_out_or_exit(out, overwrite)
+    check_data_or_exit(data)
+    check_device_or_exit(device, dtype)
+    try:
+        depths = tuple(parse_depths(passkey_depths, "--passkey-depths"))
+    except ValueError as exc:
+        error_exit(str(exc))
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    if methods is not None and not method_list:
+        error_exit("--methods: give at least one method")
     demo_run = target_length is None and model in (None, "demo") and original_length is None
+    base_cfg, _ = model_rope_or_exit(model)
+    if original_length is not None:
+        base_cfg = base_cfg.replace(original_max_position=original_length, max_position=None)
+    if base_cfg.original_max_position is None:
+        error_exit("--original-length: required: the model's config does not say its trained length")
+    target = DEMO_TARGET_LENGTH if demo_run else (target_length or 2 * base_cfg.original_max_position)
+    try:
+        plan_methods(base_cfg, target, method_list)
+    except ValueError as exc:
+        message = str(exc)
+        for field, option in (("target length:", "--target-length:"), ("methods:", "--methods:")):
+            if message.startswith(field):
+                message = option + message[len(field):]
+        error_exit(message)
+
     if demo_run and dtype is None and device in ("auto", "cpu") and cpu_has_native_bf16():
         # CPUs with native bf16 matmul run the demo model 1.5x faster in bf16 (the rotation itself stays
         # float32 inside ropekit), which keeps the no-argument run within 10 minutes on 2 cores.
         dtype = "bfloat16"
     loaded = load_model_or_exit(model, device=device, dtype=dtype)
-    if demo_run:
-        target_length = DEMO_TARGET_LENGTH
+    if original_length is not None:
+        loaded.rope = loaded.rope.replace(original_max_position=original_length, max_position=None)
     try:
-        if original_length is not None:
-            if original_length < 2:
-                raise ValueError(f"--original-length: must be >= 2, got {original_length}")
-            loaded.rope = loaded.rope.replace(original_max_position=original_length, max_position=None)
         options = CompareOptions(
-            target_length=target_length, data=data, windows=windows, bucket_size=bucket_size,
-            passkey_length=passkey_length, passkey_depths=tuple(parse_floats(passkey_depths, "--passkey-depths")),
-            passkey_trials=passkey_trials, seed=seed,
-            methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
-        result = run_compare(loaded, options, out)
+            target_length=target, data=data, windows=windows, bucket_size=bucket_size,
+            passkey_length=passkey_length, passkey_depths=depths, passkey_trials=passkey_trials, seed=seed,
+            methods=method_list)
+        result = run_compare(loaded, options, out, overwrite=overwrite)
     except (ValueError, FileNotFoundError) as exc:
-        error_exit(str(exc))
+        message = str(exc)
+        if message.startswith("length:") and "passkey" in message:
+            message = "--passkey-length:" + message[len("length:"):]
+        fail_on("--data", message)
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))
     typer.echo(f"report written to {out}/ in {result.wall_time_s:.0f} s")
 

@@ -9,26 +9,25 @@ import typer
 from typing_extensions import Annotated
 
 from ropekit.commands.common import (
-    OPTION_FIELDS,
-    AttentionFactorOpt,
-    BetaFastOpt,
-    BetaSlowOpt,
     DeviceOpt,
     DtypeOpt,
-    FactorOpt,
-    FactorsFileOpt,
-    HighFreqOpt,
-    LowFreqOpt,
     ModelArg,
-    MscaleAllDimOpt,
-    MscaleOpt,
-    NewBaseOpt,
-    OriginalLengthOpt,
-    build_rope_config,
+    OverwriteOpt,
+    check_data_or_exit,
+    check_device_or_exit,
+    check_file_or_exit,
+    check_options_used,
+    check_out_or_exit,
+    check_positive,
     error_exit,
+    extend_rope,
+    fail_on,
     load_model_or_exit,
+    model_rope_or_exit,
+    options_for,
+    with_method_options,
 )
-from ropekit.methods import get_method, method_names
+from ropekit.methods import canonical_name, get_method
 
 eval_app = typer.Typer(help="Evaluate a model with RoPE extension methods: perplexity, passkey, needle.",
                        no_args_is_help=True)
@@ -45,7 +44,6 @@ DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="a text fil
 DepthsOpt = Annotated[str, typer.Option("--depths", help="comma-separated depths of the key in [0, 1]")]
 TrialsOpt = Annotated[int, typer.Option("--trials", help="prompts per (length, depth), each with a new random key")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed of the keys")]
-TruncateOpt = Annotated[Optional[bool], typer.Option("--truncate/--no-truncate", help="yarn: floor/ceil the ramp bounds (default on)")]
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -68,31 +66,35 @@ def parse_floats(text: str, name: str) -> list[float]:
     return values
 
 
-def method_runs(base_cfg, methods: str, factor: float | None, *, baseline: bool, factors_file=None,
-                **options: Any) -> list:
-    """``MethodRun``s for the comma-separated ``methods`` (each given the options it reads), the model's own
-    RoPE first unless ``baseline`` is False. Raises ValueError naming the CLI option at fault."""
-    from ropekit.config import METHOD_ALIASES
+def parse_depths(text: str, name: str = "--depths") -> list[float]:
+    """Comma-separated depths, each in [0, 1]."""
+    values = parse_floats(text, name)
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad:
+        raise ValueError(f"{name}: each depth must be in [0, 1] (0 = the start of the context, 1 = just before "
+                         f"the question), got {text!r}")
+    return values
+
+
+def method_runs(base_cfg, methods: str, method_options: dict[str, Any], *, baseline: bool) -> list:
+    """``MethodRun``s for the comma-separated ``methods``, each given the method options it reads, the model's own
+    RoPE first unless ``baseline`` is False. An option no chosen method reads is an error. Raises ValueError
+    naming the CLI option at fault."""
     from ropekit.evaluation.perplexity import MethodRun
 
-    names = [METHOD_ALIASES.get(m.strip(), m.strip()) for m in methods.split(",") if m.strip()]
+    names = [canonical_name(m.strip()) for m in methods.split(",") if m.strip()]
     if not names:
         raise ValueError("--method: give at least one method")
-    given = {k: v for k, v in options.items() if v is not None}
-    known = set(method_names())
-    reads = {n: set(get_method(n).required) | set(get_method(n).accepted) | {"original_max_position",
-                                                                              "max_position"}
-             for n in names if n in known}
-    for opt in given:  # an option no chosen method reads is a mistake: let build_rope_config name it
-        if not any(OPTION_FIELDS[opt] in r for r in reads.values()):
-            build_rope_config(base_cfg, names[0], factor, **{opt: given[opt]})
+    for name in names:
+        try:
+            get_method(name)
+        except ValueError as exc:
+            raise ValueError(f"--method:{str(exc).partition(':')[2]}") from None
+    check_options_used(names, method_options)
     label = "default" if base_cfg.method == "default" else f"{base_cfg.method} (model's own)"
     runs = [MethodRun(label, base_cfg)] if baseline else []
     for name in names:
-        mine = {k: v for k, v in given.items() if name not in reads or OPTION_FIELDS[k] in reads[name]}
-        # the shared --factor goes to every method that takes one (base takes --new-base, default nothing)
-        cfg = build_rope_config(base_cfg, name, factor if len(names) == 1 or name not in ("default", "base")
-                                else None, factors_file=factors_file if name == "longrope" else None, **mine)
+        cfg = extend_rope(base_cfg, name, options_for(name, method_options))
         label = f"base {cfg.new_base:g}" if name == "base" else (
             name if cfg.factor is None else f"{name} x{cfg.factor:g}")
         if not any(r.rope == cfg for r in runs):
@@ -100,37 +102,57 @@ def method_runs(base_cfg, methods: str, factor: float | None, *, baseline: bool,
     return runs
 
 
-def runs_and_lengths(base_cfg, methods: str, factor: float | None, lengths: str | None, *, baseline: bool,
-                     factors_file=None, **options: Any) -> tuple[list, list[int]]:
+def runs_and_lengths(base_cfg, methods: str, method_options: dict[str, Any], lengths: str | None, *,
+                     baseline: bool) -> tuple[list, list[int]]:
     """``method_runs`` and the ``--lengths`` to measure (default: the trained length and twice it)."""
-    runs = method_runs(base_cfg, methods, factor, baseline=baseline, factors_file=factors_file, **options)
-    trained = base_cfg.original_max_position
+    runs = method_runs(base_cfg, methods, method_options, baseline=baseline)
+    trained = base_cfg.trained_length
     return runs, (parse_ints(lengths, "--lengths") if lengths else [n for n in (trained, 2 * trained) if n])
+
+
+def preflight(model: str | None, method: str, method_options: dict[str, Any], lengths: str | None, *,
+              baseline: bool, out: Path | None, json_path: Path | None, overwrite: bool, device: str,
+              dtype: str | None, data: str | None = None, data_option: str = "--data") -> None:
+    """Every check an ``eval`` command can make before loading weights: outputs, data, device, the model's
+    files and config, the methods and their options, the lengths. Exits with one line on the first problem."""
+    check_out_or_exit(out, overwrite)
+    check_file_or_exit(json_path, overwrite)
+    check_data_or_exit(data, data_option)
+    check_device_or_exit(device, dtype)
+    base_cfg, _ = model_rope_or_exit(model)
+    try:
+        _, length_list = runs_and_lengths(base_cfg, method, method_options, lengths, baseline=baseline)
+    except (ValueError, FileNotFoundError) as exc:
+        error_exit(str(exc))
+    if not length_list:
+        error_exit("--lengths: required (the model's config does not say its trained length)")
 
 
 def _load(model: str | None, device: str, dtype: str | None):
     return load_model_or_exit(model, device=device, dtype=dtype)
 
 
-def _write_outputs(out: Path | None, json_path: Path | None, payload: dict, files: dict) -> None:
+def _write_outputs(out: Path | None, json_path: Path | None, payload: dict, files: dict, *, command: str,
+                   overwrite: bool) -> None:
     from ropekit.evaluation import report
+    from ropekit.output import OutputDir, write_file_atomic
 
     if json_path is not None:
-        report.write_json(json_path, payload)
+        write_file_atomic(json_path, report.json_text(payload))
     if out is not None:
-        with report.atomic_dir(out) as tmp:
-            report.write_json(tmp / next(n for n in files if n.endswith(".json")), payload)
+        with OutputDir(out, command=command, overwrite=overwrite) as folder:
+            folder.write_text(next(n for n in files if n.endswith(".json")), report.json_text(payload))
             for name, writer in files.items():
                 if not name.endswith(".json"):
-                    writer(tmp / name)
+                    writer(folder.path(name))
 
 
 # ---------------------------------------------------------------------- ppl
 @eval_app.command("ppl")
+@with_method_options
 def ppl_command(
     model: ModelArg = None,
     method: MethodsOpt = "yarn",
-    factor: FactorOpt = None,
     lengths: LengthsOpt = None,
     data: DataOpt = None,
     bucket_size: Annotated[int, typer.Option("--bucket-size", help="tokens per position bucket")] = 1024,
@@ -139,37 +161,24 @@ def ppl_command(
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="positions per loss chunk (memory bound)")] = 1024,
     json_path: JsonOpt = None,
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     no_baseline: NoBaselineOpt = False,
-    beta_fast: BetaFastOpt = None,
-    beta_slow: BetaSlowOpt = None,
-    attention_factor: AttentionFactorOpt = None,
-    mscale: MscaleOpt = None,
-    mscale_all_dim: MscaleAllDimOpt = None,
-    truncate: TruncateOpt = None,
-    original_length: OriginalLengthOpt = None,
-    low_freq_factor: LowFreqOpt = None,
-    high_freq_factor: HighFreqOpt = None,
-    new_base: NewBaseOpt = None,
-    factors_file: FactorsFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    method_options: dict = None,
 ) -> None:
     """Perplexity of the first N tokens of each document, per length and per position bucket."""
     from ropekit.evaluation import report
     from ropekit.evaluation.data import load_documents, prefix_windows, token_windows
     from ropekit.evaluation.perplexity import evaluate_perplexity
 
-    options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,
-                   mscale_all_dim=mscale_all_dim, truncate=truncate, original_length=original_length,
-                   low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base)
-    if bucket_size < 1 or chunk_size < 1 or windows < 0:
-        error_exit("--bucket-size and --chunk-size must be >= 1, --windows >= 0")
-    if data is not None and data != "stdlib" and not Path(data).exists():
-        error_exit(f"--data: no such file or folder: {data}")
+    check_positive(bucket_size=(bucket_size, 1), chunk_size=(chunk_size, 1), windows=(windows, 0))
+    preflight(model, method, method_options, lengths, baseline=not no_baseline, out=out, json_path=json_path,
+              overwrite=overwrite, device=device, dtype=dtype, data=data)
     loaded = _load(model, device, dtype)
     try:
-        runs, length_list = runs_and_lengths(loaded.rope, method, factor, lengths, baseline=not no_baseline,
-                                             factors_file=factors_file, **options)
+        runs, length_list = runs_and_lengths(loaded.rope, method, method_options, lengths,
+                                             baseline=not no_baseline)
         if not length_list:
             raise ValueError("--lengths: required (the model's trained length is unknown)")
         longest = max(length_list)
@@ -178,7 +187,7 @@ def ppl_command(
         results = evaluate_perplexity(loaded.model, runs, length_list, by_length, bucket_size=bucket_size,
                                       chunk_size=chunk_size)
     except (ValueError, FileNotFoundError) as exc:
-        error_exit(str(exc))
+        fail_on("--data", str(exc))
     typer.echo(report.perplexity_markdown(results))
     payload = report.perplexity_payload(loaded.source, results, trained_length=loaded.rope.original_max_position)
     _write_outputs(out, json_path, payload, {
@@ -187,11 +196,11 @@ def ppl_command(
         "ppl.md": lambda p: report.write_text_atomic(p, report.perplexity_markdown(results)),
         "ppl.png": lambda p: report.plot_bucket_ppl(results, p, trained_length=loaded.rope.original_max_position,
                                                     title=f"{Path(loaded.source).name}: perplexity by position"),
-    })
+    }, command="eval ppl", overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------- passkey and needle
-def _retrieval_outputs(out, json_path, loaded, results, task: str) -> None:
+def _retrieval_outputs(out, json_path, loaded, results, task: str, overwrite: bool) -> None:
     from ropekit.evaluation import report
 
     for r in results:
@@ -203,59 +212,49 @@ def _retrieval_outputs(out, json_path, loaded, results, task: str) -> None:
         f"{task}.json": None,
         f"{task}.csv": lambda p: report.write_text_atomic(p, report.csv_text(rows)),
         f"{task}.png": lambda p: report.plot_retrieval_grid(results, p, title=f"{task} accuracy"),
-    })
+    }, command=f"eval {task}", overwrite=overwrite)
 
 
 @eval_app.command("passkey")
+@with_method_options
 def passkey_command(
     model: ModelArg = None,
     method: MethodsOpt = "yarn",
-    factor: FactorOpt = None,
     lengths: LengthsOpt = None,
     depths: DepthsOpt = "0,0.25,0.5,0.75,1",
     trials: TrialsOpt = 1,
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     no_baseline: NoBaselineOpt = False,
-    beta_fast: BetaFastOpt = None,
-    beta_slow: BetaSlowOpt = None,
-    attention_factor: AttentionFactorOpt = None,
-    mscale: MscaleOpt = None,
-    mscale_all_dim: MscaleAllDimOpt = None,
-    truncate: TruncateOpt = None,
-    original_length: OriginalLengthOpt = None,
-    low_freq_factor: LowFreqOpt = None,
-    high_freq_factor: HighFreqOpt = None,
-    new_base: NewBaseOpt = None,
-    factors_file: FactorsFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    method_options: dict = None,
 ) -> None:
     """Passkey retrieval (a 5-digit key in filler text, greedy answer): accuracy over depth x length."""
     from ropekit.evaluation.passkey import evaluate_passkey
 
-    options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,
-                   mscale_all_dim=mscale_all_dim, truncate=truncate, original_length=original_length,
-                   low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base)
+    depth_list = _depths_or_exit(depths, trials)
+    preflight(model, method, method_options, lengths, baseline=not no_baseline, out=out, json_path=json_path,
+              overwrite=overwrite, device=device, dtype=dtype)
     loaded = _load(model, device, dtype)
     try:
-        runs, length_list = runs_and_lengths(loaded.rope, method, factor, lengths, baseline=not no_baseline,
-                                             factors_file=factors_file, **options)
-        results = evaluate_passkey(loaded.model, loaded.tokenizer, runs, length_list,
-                                   parse_floats(depths, "--depths"), trials, seed=seed)
+        runs, length_list = runs_and_lengths(loaded.rope, method, method_options, lengths,
+                                             baseline=not no_baseline)
+        results = evaluate_passkey(loaded.model, loaded.tokenizer, runs, length_list, depth_list, trials, seed=seed)
     except (ValueError, FileNotFoundError) as exc:
         error_exit(str(exc))
-    _retrieval_outputs(out, json_path, loaded, results, "passkey")
+    _retrieval_outputs(out, json_path, loaded, results, "passkey", overwrite)
 
 
 @eval_app.command("needle")
+@with_method_options
 def needle_command(
     model: ModelArg = None,
     haystack: Annotated[Optional[str], typer.Option("--haystack", help="real text for the haystack (file, folder, "
                                                     ".jsonl, or 'stdlib', the default)")] = None,
     method: MethodsOpt = "yarn",
-    factor: FactorOpt = None,
     lengths: LengthsOpt = None,
     depths: DepthsOpt = "0,0.25,0.5,0.75,1",
     trials: TrialsOpt = 1,
@@ -265,40 +264,41 @@ def needle_command(
     answer: Annotated[Optional[str], typer.Option("--answer", help="the key fact a correct answer contains")] = None,
     json_path: JsonOpt = None,
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     no_baseline: NoBaselineOpt = False,
-    beta_fast: BetaFastOpt = None,
-    beta_slow: BetaSlowOpt = None,
-    attention_factor: AttentionFactorOpt = None,
-    mscale: MscaleOpt = None,
-    mscale_all_dim: MscaleAllDimOpt = None,
-    truncate: TruncateOpt = None,
-    original_length: OriginalLengthOpt = None,
-    low_freq_factor: LowFreqOpt = None,
-    high_freq_factor: HighFreqOpt = None,
-    new_base: NewBaseOpt = None,
-    factors_file: FactorsFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    method_options: dict = None,
 ) -> None:
     """Needle in a haystack: a sentence hidden in real text at each depth x length; accuracy heat map."""
     from ropekit.evaluation.data import load_documents
     from ropekit.evaluation.needle import evaluate_needle
 
-    options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,
-                   mscale_all_dim=mscale_all_dim, truncate=truncate, original_length=original_length,
-                   low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base)
-    if haystack is not None and haystack != "stdlib" and not Path(haystack).exists():
-        error_exit(f"--haystack: no such file or folder: {haystack}")
+    depth_list = _depths_or_exit(depths, trials)
+    custom = {"--needle": needle, "--question": question, "--answer": answer}
+    if any(v is not None for v in custom.values()) and not all(v for v in custom.values()):
+        missing = ", ".join(k for k, v in custom.items() if not v)
+        error_exit(f"{missing}: a custom needle needs --needle, --question and --answer together")
+    preflight(model, method, method_options, lengths, baseline=not no_baseline, out=out, json_path=json_path,
+              overwrite=overwrite, device=device, dtype=dtype, data=haystack,
+              data_option="--haystack")
     loaded = _load(model, device, dtype)
     try:
-        runs, length_list = runs_and_lengths(loaded.rope, method, factor, lengths, baseline=not no_baseline,
-                                             factors_file=factors_file, **options)
+        runs, length_list = runs_and_lengths(loaded.rope, method, method_options, lengths,
+                                             baseline=not no_baseline)
         results = evaluate_needle(loaded.model, loaded.tokenizer, load_documents(haystack), runs, length_list,
-                                  parse_floats(depths, "--depths"), trials, seed=seed, needle=needle,
-                                  question=question, answer=answer)
+                                  depth_list, trials, seed=seed, needle=needle, question=question, answer=answer)
     except (ValueError, FileNotFoundError) as exc:
+        fail_on("--haystack", str(exc))
+    _retrieval_outputs(out, json_path, loaded, results, "needle", overwrite)
+
+
+def _depths_or_exit(depths: str, trials: int) -> list[float]:
+    check_positive(trials=(trials, 1))
+    try:
+        return parse_depths(depths)
+    except ValueError as exc:
         error_exit(str(exc))
-    _retrieval_outputs(out, json_path, loaded, results, "needle")
 
 
 def register(app: typer.Typer) -> None:

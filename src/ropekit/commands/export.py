@@ -10,21 +10,15 @@ from typing_extensions import Annotated
 
 from ropekit.commands.common import (
     MODEL_HELP,
-    AttentionFactorOpt,
-    BetaFastOpt,
-    BetaSlowOpt,
-    FactorOpt,
-    FactorsFileOpt,
-    HighFreqOpt,
-    LowFreqOpt,
     ModelArg,
-    MscaleAllDimOpt,
-    MscaleOpt,
-    NewBaseOpt,
-    OriginalLengthOpt,
+    OverwriteOpt,
+    check_out_or_exit,
     error_exit,
-    rope_config_or_exit,
+    extend_or_exit,
+    model_rope_or_exit,
+    with_method_options,
 )
+from ropekit.methods import method_names
 
 
 def _checkpoint_dtype(source: str | None) -> str:
@@ -46,42 +40,25 @@ def register(app: typer.Typer) -> None:
         "Write MODEL with its RoPE extended by --method/--factor as a checkpoint (safetensors + config.json with "
         "standard rope_parameters + tokenizer) that plain transformers loads without ropekit. Written atomically. "
         "MODEL: " + MODEL_HELP))
+    @with_method_options
     def export_command(
         model: ModelArg = None,
         method: Annotated[str, typer.Option("--method", "-m", help="scaling method (transformers-loadable: "
-                                            "linear, ntk, dynamic, yarn, llama3, longrope, base)")] = ...,
+                                            f"{', '.join(method_names(exportable=True))})")] = ...,
         out: Annotated[Path, typer.Option("--out", "-o", help="output folder (must not exist or be empty)")] = ...,
-        factor: FactorOpt = None,
-        beta_fast: BetaFastOpt = None,
-        beta_slow: BetaSlowOpt = None,
-        attention_factor: AttentionFactorOpt = None,
-        mscale: MscaleOpt = None,
-        mscale_all_dim: MscaleAllDimOpt = None,
-        original_length: OriginalLengthOpt = None,
-        low_freq_factor: LowFreqOpt = None,
-        high_freq_factor: HighFreqOpt = None,
-        new_base: NewBaseOpt = None,
-        factors_file: FactorsFileOpt = None,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out folder")] = False,
+        overwrite: OverwriteOpt = False,
         dtype: Annotated[Optional[str], typer.Option(
             "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own; GGUF: float32)")] = None,
+        method_options: dict = None,
     ) -> None:
-        from ropekit.commands.inspect import rope_from_source
         from ropekit.models import DTYPES, export_model, load_model
 
         if dtype is not None and dtype not in DTYPES:
             error_exit(f"--dtype: {dtype!r} not accepted; accepted: {', '.join(DTYPES)}")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            error_exit(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
-        # Check the method and its options on the config alone, before the (slow) weight loading.
-        try:
-            base_cfg, name = rope_from_source(model)
-        except (FileNotFoundError, ValueError) as exc:
-            error_exit(str(exc))
-        options = dict(beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,
-                       mscale_all_dim=mscale_all_dim, original_length=original_length,
-                       low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, new_base=new_base)
-        cfg = rope_config_or_exit(base_cfg, method, factor, factors_file=factors_file, **options)
+        check_out_or_exit(out, overwrite)
+        # Check the model's files, the method and its options on the config alone, before the weights load.
+        base_cfg, name = model_rope_or_exit(model)
+        cfg = extend_or_exit(base_cfg, method, method_options)
         try:
             cfg.to_hf()
         except ValueError as exc:
@@ -92,7 +69,7 @@ def register(app: typer.Typer) -> None:
             loaded = load_model(model or "demo", device="cpu", dtype=dtype or _checkpoint_dtype(model))
         except (FileNotFoundError, ValueError) as exc:
             error_exit(str(exc))
-        cfg = rope_config_or_exit(loaded.rope, method, factor, factors_file=factors_file, **options)
+        cfg = extend_or_exit(loaded.rope, method, method_options)
         try:
             path = export_model(loaded, cfg, out, overwrite=overwrite)
         except (FileExistsError, ValueError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -11,18 +13,22 @@ from ropekit.methods import method_names
 
 
 def register(app: typer.Typer) -> None:
-    app.command("finetune")(finetune_command)
+    from ropekit.commands.common import with_method_options
+
+    app.command("finetune")(with_method_options(finetune_command))
 
 
 def finetune_command(
     model: str = typer.Argument(..., help="Hub id, model folder, .gguf file, or 'demo' (SmolLM2-135M)."),
     method: str = typer.Option(..., "--method", "-m", help=f"Scaling method: {', '.join(method_names())} "
                                                            "(default = no scaling)."),
-    factor: Optional[float] = typer.Option(None, "--factor", "-f", help="Scale s = target / trained length."),
     seq_len: int = typer.Option(..., "--seq-len", help="Training length in tokens (>= the trained length)."),
     data: Path = typer.Option(..., "--data", help="Text file, .jsonl ({\"text\": ...} per line) or folder."),
     steps: int = typer.Option(..., "--steps", help="Optimizer steps."),
-    out: Path = typer.Option(..., "--out", help="Output folder: checkpoints/, model/, training.json."),
+    out: Path = typer.Option(..., "--out", help="Output folder: checkpoints/, model/, training.json (new, empty, or "
+                                                "this command's earlier run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an --out folder holding other files "
+                                                              "(they are kept)."),
     lr: float = typer.Option(2e-5, "--lr", help="Peak learning rate (AdamW)."),
     warmup: int = typer.Option(20, "--warmup", help="Linear warm-up steps."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
@@ -44,23 +50,62 @@ def finetune_command(
     eval_windows: int = typer.Option(4, "--eval-windows", help="Documents per evaluation length."),
     export: bool = typer.Option(True, "--export/--no-export", help="Write a transformers checkpoint to OUT/model."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    method_options: dict = None,
 ) -> None:
     """Fine-tune MODEL at --seq-len with RoPE scaling --method/--factor on packed documents from --data.
 
     Runs data-parallel when started by torchrun (gloo on CPU, nccl on GPU).
     """
-    from ropekit.commands.common import build_rope_config, error_exit
-    from ropekit.training.finetune import FinetuneSettings, finetune
+    from ropekit.commands.common import (
+        check_data_or_exit,
+        check_device_or_exit,
+        check_out_or_exit,
+        error_exit,
+        extend_or_exit,
+        extend_rope,
+        model_rope_or_exit,
+    )
+    from ropekit.output import claim
+    from ropekit.training.finetune import FinetuneSettings, finetune, warmup_warning
 
+    # Every check that needs no weights, before the model loads.
     try:
         settings = FinetuneSettings(
             seq_len=seq_len, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
             grad_accum=grad_accum, max_grad_norm=max_grad_norm or None, gradient_checkpointing=gradient_checkpointing,
             lora=lora, lora_rank=lora_rank, checkpoint_every=checkpoint_every, seed=seed, strategy=strategy,
         )
-        summary = finetune(model, rope=lambda base: build_rope_config(base, method, factor), data=data,
-                           out_dir=out, settings=settings, resume=resume, device=device, evaluate=evaluate,
-                           eval_data=eval_data, eval_windows=eval_windows, export=export, progress=progress)
+    except ValueError as exc:
+        error_exit(_cli_message(str(exc)))
+    if eval_windows < 1:
+        error_exit(f"--eval-windows: must be >= 1, got {eval_windows}")
+    check_device_or_exit(device)
+    check_data_or_exit(data, "--data")
+    if eval_data is not None:
+        check_data_or_exit(eval_data, "--eval-data")
+    if not resume:
+        check_out_or_exit(out, overwrite)
+    elif not out.is_dir():
+        error_exit(f"--resume: {out} does not exist; there is no run to resume")
+    base_cfg, _ = model_rope_or_exit(model)
+    extend_or_exit(base_cfg, method, method_options)
+    trained = base_cfg.original_max_position
+    if trained is not None and seq_len < trained:
+        error_exit(f"--seq-len: {seq_len} is shorter than the model's trained length {trained}; fine-tuning for a "
+                   f"longer context needs --seq-len >= {trained}")
+    early_warning = warmup_warning(settings)
+    if early_warning and _is_main():
+        typer.echo(f"warning: {early_warning}", err=True)  # said once, before the model loads
+    if _is_main():
+        claim(out, ["checkpoints", "model", "training.json", "training_curve.png"], "finetune")
+
+    try:
+        with warnings.catch_warnings():
+            if early_warning:
+                warnings.filterwarnings("ignore", message=re.escape(early_warning))
+            summary = finetune(model, rope=lambda base: extend_rope(base, method, method_options), data=data,
+                               out_dir=out, settings=settings, resume=resume, device=device, evaluate=evaluate,
+                               eval_data=eval_data, eval_windows=eval_windows, export=export, progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         error_exit(_cli_message(str(exc)))
         return
@@ -87,14 +132,13 @@ def _is_main() -> bool:
 
 
 # Library errors name fields; the CLI names options.
-_OPTION_NAMES = {"seq_len:": "--seq-len:", "steps:": "--steps:", "lr:": "--lr:", "warmup:": "--warmup:",
-                 "grad_accum:": "--grad-accum:", "batch_size:": "--batch-size:", "lora_rank:": "--lora-rank:",
-                 "checkpoint_every:": "--checkpoint-every:", "strategy:": "--strategy:", "data:": "--data:",
-                 "resume:": "--resume:", "out:": "--out:", "weight_decay:": "--weight-decay:", "device:": "--device:"}
+FIELD_FLAGS = {"data": "--data", "out": "--out", "out_dir": "--out", "resume": "--resume", "device": "--device",
+               "max_grad_norm": "--max-grad-norm", "eval_data": "--eval-data"}
 
 
 def _cli_message(message: str) -> str:
-    for field, option in _OPTION_NAMES.items():
-        if message.startswith(field):
-            return option + message[len(field):]
-    return message
+    from ropekit.commands.common import cli_message, flags_for
+
+    return cli_message(message, {**flags_for("seq_len", "steps", "lr", "warmup", "grad_accum", "batch_size",
+                                             "lora_rank", "checkpoint_every", "strategy", "weight_decay"),
+                                 **FIELD_FLAGS})

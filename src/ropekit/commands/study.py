@@ -14,7 +14,10 @@ def register(app: typer.Typer) -> None:
 
 
 def study_command(
-    out: Path = typer.Option(Path("ropekit-report-study"), "--out", help="Report folder."),
+    out: Path = typer.Option(Path("ropekit-report-study"), "--out", help="Report folder (new, empty, or an earlier "
+                                                                        "study's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder holding other files (they are "
+                                                              "kept)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a couple of minutes, for a smoke test."),
     methods: str = typer.Option(",".join(("default", "linear", "ntk", "dynamic", "yarn")), "--methods",
                                 help="Comma-separated: default (no scaling), linear, ntk, dynamic, yarn."),
@@ -40,8 +43,10 @@ def study_command(
     2x/4x/8x with no scaling, linear, NTK, dynamic NTK and YaRN, fine-tune each at the long length, evaluate
     again, and write OUT/summary.md with tables and plots. The default run takes under 30 minutes on 2 CPU cores.
     """
-    from ropekit.commands.common import error_exit
-    from ropekit.training.study import QUICK, StudySizes, run_study
+    from ropekit.commands.common import check_out_or_exit, cli_message, error_exit, flags_for
+    from ropekit.training.study import QUICK, STUDY_METHODS, StudySizes, run_study
+
+    check_out_or_exit(out, overwrite)
 
     chosen = {k: v for k, v in dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, train_len=train_len,
                                      factor=factor, pretrain_steps=pretrain_steps, pretrain_batch=pretrain_batch,
@@ -54,14 +59,13 @@ def study_command(
         names = tuple(m.strip() for m in methods.split(",") if m.strip())
         if not names:
             raise ValueError("methods: give at least one method")
-        results = run_study(out, sizes, names, progress=progress, log=typer.echo)
+        unknown = [m for m in names if m not in STUDY_METHODS]
+        if unknown:
+            raise ValueError(f"methods: {', '.join(map(repr, unknown))} not accepted; accepted: "
+                             f"{', '.join(STUDY_METHODS)}")
+        results = run_study(out, sizes, names, progress=progress, log=typer.echo, overwrite=overwrite)
     except ValueError as exc:
-        message = str(exc)
-        head, sep, rest = message.partition(":")
-        if sep and head.isidentifier() and head != "data":
-            message = f"--{head.replace('_', '-')}:{rest}"
-        error_exit(message)
-        return
+        error_exit(cli_message(str(exc), flags_for(*(f.name for f in dataclasses.fields(StudySizes)), "methods")))
     typer.echo((out / "summary.md").read_text())
     typer.echo(f"report: {out} (summary.md, results.json, ppl_vs_position.png, training_curves.png); "
                f"{results['timings']['total_s'] / 60:.1f} min")

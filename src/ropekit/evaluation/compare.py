@@ -37,10 +37,9 @@ from ropekit.evaluation.perplexity import (
     summarize_nll,
     window_nll,
 )
-from ropekit.methods import frequencies
+from ropekit.methods import frequencies, method_names
 from ropekit.methods.base_change import suggested_base
 
-COMPARE_METHODS = ("default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3", "longrope", "base")
 HEALTHY_RATIO = 1.3  # late buckets within this factor of the trained-length perplexity = "does not break"
 SHORT_REGRESSION = 0.05
 TIE = 0.01  # perplexities within 1% are not told apart by one or two windows  # > 5% worse than the baseline at the trained length = "hurts short context"
@@ -58,7 +57,8 @@ class CompareOptions:
         passkey_length: passkey prompt length; default N.
         passkey_depths: depths of the key in [0, 1].
         passkey_trials: prompts per depth (each a different random key).
-        methods: restrict to these method names (default: all of ``COMPARE_METHODS``).
+        methods: restrict to these method names (default: every comparable method of the registry,
+            ``ropekit.method_names(comparable=True)``).
         seed: passkey keys are drawn from it.
     """
 
@@ -138,10 +138,11 @@ class CompareReport:
 
 # ---------------------------------------------------------------------- planning
 def trained_length_of(rope: RopeConfig) -> int:
-    if rope.original_max_position is None:
+    """``rope.trained_length``, which the comparison needs to compute the factor."""
+    if rope.trained_length is None:
         raise ValueError("trained length: the model's config does not say it (original_max_position); "
                          "it is needed to compute the factor")
-    return rope.original_max_position
+    return rope.trained_length
 
 
 def plan_methods(base: RopeConfig, target_length: int, methods: Sequence[str] | None = None) -> list[MethodPlan]:
@@ -151,15 +152,14 @@ def plan_methods(base: RopeConfig, target_length: int, methods: Sequence[str] | 
     factor N / L; ``base`` uses ``suggested_base(N)``; ``longrope`` needs per-pair factors, so it runs only
     when the model's config has them. Unknown names in ``methods`` raise ValueError.
     """
-    from ropekit.commands.common import build_rope_config
-
     trained = trained_length_of(base)
     if target_length <= trained:
         raise ValueError(f"target length: must be longer than the trained length {trained}, got {target_length}")
-    names = list(COMPARE_METHODS if methods is None else methods)
-    unknown = [m for m in names if m not in COMPARE_METHODS]
+    comparable = method_names(comparable=True)
+    names = list(comparable if methods is None else methods)
+    unknown = [m for m in names if m not in comparable]
     if unknown:
-        raise ValueError(f"methods: unknown {', '.join(unknown)}; accepted: {', '.join(COMPARE_METHODS)}")
+        raise ValueError(f"methods: unknown {', '.join(unknown)}; accepted: {', '.join(comparable)}")
     factor = target_length / trained
     plans: list[MethodPlan] = []
     baseline_label = "default" if base.method == "default" else f"{base.method} (model's own)"
@@ -185,9 +185,9 @@ def plan_methods(base: RopeConfig, target_length: int, methods: Sequence[str] | 
                                                 f"arXiv 2405.14591) is not above the model's ({base.base:.3g})"))
             else:
                 plans.append(MethodPlan(f"base {new_base:.3g}", "base",
-                                        build_rope_config(base, "base", new_base=round(new_base))))
+                                        base.extend("base", new_base=round(new_base))))
         else:
-            plans.append(MethodPlan(name, name, build_rope_config(base, name, factor)))
+            plans.append(MethodPlan(name, name, base.extend(name, factor)))
     return plans
 
 
@@ -199,10 +199,16 @@ def rotation_key(rope: RopeConfig, seq_len: int) -> tuple:
 
 
 # ---------------------------------------------------------------------- the run
-def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Path | None = None) -> CompareReport:
+def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Path | None = None, *,
+                overwrite: bool = False) -> CompareReport:
     """Measure every applicable method on ``loaded`` (a ``ropekit.models.LoadedModel``); write the report
-    folder to ``out_dir`` when given (atomically). Returns the ``CompareReport``."""
+    folder to ``out_dir`` when given (see ``write_compare_report``; checked before any work). Returns the
+    ``CompareReport``."""
+    from ropekit.output import check_output_dir
+
     options = options or CompareOptions()
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite=overwrite)
     start = time.perf_counter()
     base = loaded.rope
     trained = trained_length_of(base)
@@ -314,7 +320,7 @@ def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Pa
                            recommendation=recommend(outcomes, trained, target, baseline.label), settings=settings)
     result.wall_time_s = round(time.perf_counter() - start, 1)
     if out_dir is not None:
-        write_compare_report(result, out_dir)
+        write_compare_report(result, out_dir, overwrite=overwrite)
     return result
 
 
@@ -464,18 +470,22 @@ def summary_markdown(rep: CompareReport) -> str:
     return "\n".join(lines)
 
 
-def write_compare_report(rep: CompareReport, out_dir: str | Path) -> Path:
-    """Write summary.md, results.json, perplexity.csv, perplexity.png, passkey.csv, passkey.png to ``out_dir``
-    (built in a temporary folder and renamed into place)."""
-    out_dir = Path(out_dir)
-    with report.atomic_dir(out_dir) as tmp:
-        (tmp / "summary.md").write_text(summary_markdown(rep), encoding="utf-8")
-        (tmp / "results.json").write_text(report.json_text(rep.to_dict()), encoding="utf-8")
-        (tmp / "perplexity.csv").write_text(report.csv_text(report.perplexity_rows(rep.perplexity)), encoding="utf-8")
-        report.plot_bucket_ppl(rep.perplexity, tmp / "perplexity.png", trained_length=rep.trained_length,
+def write_compare_report(rep: CompareReport, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write summary.md, results.json, perplexity.csv, perplexity.png, passkey.csv, passkey.png to ``out_dir``.
+
+    Through ``ropekit.output.OutputDir``: a folder holding files ropekit did not write is refused unless
+    ``overwrite`` (and even then those files are kept); the files reach the folder only once all are written.
+    """
+    from ropekit.output import OutputDir
+
+    with OutputDir(out_dir, command="compare", overwrite=overwrite) as out:
+        out.write_text("summary.md", summary_markdown(rep))
+        out.write_text("results.json", report.json_text(rep.to_dict()))
+        out.write_text("perplexity.csv", report.csv_text(report.perplexity_rows(rep.perplexity)))
+        report.plot_bucket_ppl(rep.perplexity, out.path("perplexity.png"), trained_length=rep.trained_length,
                                title=f"{Path(rep.model).name}: perplexity by position at {rep.target_length} tokens")
         if rep.passkey:
             rows = [dict(t, label=r.label, method=r.method) for r in rep.passkey for t in r.trials]
-            (tmp / "passkey.csv").write_text(report.csv_text(rows), encoding="utf-8")
-            report.plot_retrieval_grid(rep.passkey, tmp / "passkey.png", title="passkey accuracy")
-    return out_dir
+            out.write_text("passkey.csv", report.csv_text(rows))
+            report.plot_retrieval_grid(rep.passkey, out.path("passkey.png"), title="passkey accuracy")
+    return Path(out_dir)

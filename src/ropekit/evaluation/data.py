@@ -7,6 +7,7 @@ document that is long enough (perplexity is measured on "the first N tokens of e
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,39 @@ def load_documents(path: str | Path | None = None) -> Iterator[Document]:
         yield from _jsonl_documents(path)
         return
     yield Document(str(path), _read_text(path))
+
+
+def check_documents(path: str | Path | None = None) -> None:
+    """The cheap checks of ``load_documents(path)``, run before any model loads: the path exists, a folder holds
+    text files, a file starts as UTF-8 text (JSON lines: its first record has a ``text`` field).
+
+    Raises FileNotFoundError / ValueError as ``load_documents`` would (messages start with ``data:``).
+    """
+    if path is None or str(path) == DEFAULT_CORPUS:
+        return
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data: no such file or folder: {path}")
+    if path.is_dir():
+        first = next(iter(load_documents(path)), None)  # raises for a folder without text files
+        if first is None:
+            raise ValueError(f"data: folder {path} has no text")
+        return
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"data: {path} is not readable")
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        if next(iter(_jsonl_documents(path)), None) is None:
+            raise ValueError(f"data: {path} has no JSON lines")
+        return
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16)
+    if not head.strip():
+        raise ValueError(f"data: {path} is empty")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise ValueError(f"data: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _read_text(path: Path) -> str:

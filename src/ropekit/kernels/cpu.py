@@ -24,11 +24,14 @@ import ctypes
 import ctypes.util
 import sys
 import threading
+from dataclasses import dataclass
 import types
 import warnings
 from collections import OrderedDict
 
 import torch
+
+from ropekit.rotation import cos_sin
 
 Tensor = torch.Tensor
 
@@ -99,15 +102,20 @@ def empty_output(x: Tensor) -> Tensor:
 
     Large contiguous outputs come from the output pool when a buffer of the same size is free, else from a
     fresh huge-page-advised allocation that joins the pool while it has room. Other tensors: ``empty_like``.
+    Under ``torch.inference_mode()`` the pool serves inference-tensor buffers, outside it normal ones: an
+    output is then what any operator would return in that mode (an inference tensor cannot be written
+    outside inference mode, and a normal one viewed inside it cannot be written in place after).
     """
     if torch.compiler.is_compiling():  # traced into a caller's graph: Inductor owns the allocation
         return torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
     if nbytes < HUGE_PAGE_MIN_BYTES or not x.is_contiguous() or x.device.type != "cpu":
         return torch.empty_like(x)
+    inference = torch.is_inference_mode_enabled()
     with _pool_lock:
         for i, buf in enumerate(_pool):
-            if buf.dtype == x.dtype and buf.numel() == x.numel() and _storage_users(buf) == 1:
+            if (buf.dtype == x.dtype and buf.numel() == x.numel() and buf.is_inference() == inference
+                    and _storage_users(buf) == 1):
                 _pool.append(_pool.pop(i))  # most recently used last
                 return buf.view(x.shape)
         flat = _huge_page_empty_like(x.reshape(-1))  # the pool keeps the base, callers get views of it
@@ -165,7 +173,7 @@ def fused_rotate(x: Tensor, cos_p: Tensor, sin_p: Tensor, out: Tensor, rotary_di
     return out
 
 
-# One compiled pass per variant (dtype, layout, autograd, rank, contiguity), with dynamic shapes from the
+# One compiled pass per variant (dtype, layout, autograd, rank, inference mode, contiguity), with dynamic shapes from the
 # first call: no compile per new length (passkey prompts, for example, all differ in length), and the pair
 # formulation vectorises as well with dynamic sizes as with static ones (measured: within noise). Each
 # variant gets its own code object, so Dynamo's per-code recompile limit counts per variant.
@@ -216,7 +224,8 @@ def _scratch_like(part: Tensor) -> Tensor:
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = OrderedDict()
-    key = (tuple(part.shape), part.dtype)
+    inference = torch.is_inference_mode_enabled()  # a buffer is written in the mode it was made in
+    key = (tuple(part.shape), part.dtype, inference)
     buf = buffers.get(key)
     if buf is None:
         buf = buffers[key] = torch.empty(part.shape, dtype=part.dtype)
@@ -246,44 +255,67 @@ def _rotate_inplace(key: tuple, compile: bool, x: Tensor, cos_p: Tensor, sin_p: 
     return x
 
 
-def _positions_key(positions) -> tuple | None:
-    if positions is None:
-        return ("range", 0)
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        return ("range", positions)
-    if isinstance(positions, Tensor):
-        return ("tensor", id(positions), positions._version)
-    return None
+def _normal_tensors():
+    """A context in which new tensors are normal ones, also inside ``torch.inference_mode()``: what the caches
+    keep must be usable in every mode (an inference tensor cannot be saved for backward outside it)."""
+    return torch.inference_mode(False)
 
 
 def tables(freqs, positions_arg, positions: Tensor, scale: float, conjugate: bool) -> tuple[Tensor, Tensor]:
     """float32 (cos*scale, ±sin*scale), each positions.shape + (rotary_dim/2,), from the float64 reference.
 
-    ``positions_arg`` is what the caller passed (None / int / tensor): it keys the cache; ``positions`` the
-    resolved (1|B, S) tensor. The cache holds references to the tensors it keys on (ids stay unique).
+    ``positions`` is the resolved (1|B, S) integer tensor. Cached by value: an entry keeps a copy of the
+    positions it was built for and serves a call whose positions are equal to it (an element-wise compare,
+    much cheaper than the table, and on the CPU no device sync), so an edit in place, a reused ``id`` or an
+    inference tensor (which has no version counter) cannot serve stale tables. ``positions_arg`` (what the
+    caller passed) is not needed for the key and kept for the signature. The tables are normal tensors, also
+    when built under ``torch.inference_mode()``, so one cache serves inference, no_grad and autograd.
     """
-    from ropekit.rotation import cos_sin
-
-    pkey = None if torch.compiler.is_compiling() else _positions_key(positions_arg)
-    key = None
-    if pkey is not None:
-        key = (id(freqs.inv_freq64), freqs.unscaled_until, float(scale), conjugate, tuple(positions.shape),
-               str(positions.device), pkey)
-        hit = _table_cache.get(key)
-        if hit is not None and hit[0] is freqs.inv_freq64 and hit[1] is (
-            positions_arg if isinstance(positions_arg, Tensor) else None
-        ):
-            _table_cache.move_to_end(key)
-            return hit[2], hit[3]
-    cos, sin = cos_sin(freqs, positions, dtype=torch.float32, scale=scale)
-    if conjugate:
-        sin = -sin
-    if key is not None and 2 * cos.numel() * 4 <= TABLE_CACHE_BYTES:
-        _table_cache[key] = (freqs.inv_freq64, positions_arg if isinstance(positions_arg, Tensor) else None,
-                             cos, sin)
-        while len(_table_cache) > TABLE_CACHE_ENTRIES:
-            _table_cache.popitem(last=False)
+    if torch.compiler.is_compiling():  # traced into the caller's graph: no Python-side cache
+        cos, sin = cos_sin(freqs, positions, dtype=torch.float32, scale=scale)
+        return cos, (-sin if conjugate else sin)
+    key = (id(freqs.inv_freq64), freqs.unscaled_until, float(scale), bool(conjugate), tuple(positions.shape),
+           positions.dtype, str(positions.device))
+    hit = _table_cache.get(key)
+    if hit is not None and hit[0] is freqs.inv_freq64 and torch.equal(hit[1], positions):
+        _table_cache.move_to_end(key)
+        return hit[2], hit[3]
+    with _normal_tensors():
+        cos, sin = cos_sin(freqs, positions, dtype=torch.float32, scale=scale)
+        if conjugate:
+            sin = -sin
+        if 2 * cos.numel() * 4 <= TABLE_CACHE_BYTES:
+            # The entry holds inv_freq64 (so its id stays unique while cached) and a copy of the positions.
+            _table_cache[key] = (freqs.inv_freq64, positions.clone(), cos, sin)
+            while len(_table_cache) > TABLE_CACHE_ENTRIES:
+                _table_cache.popitem(last=False)
     return cos, sin
+
+
+@dataclass(frozen=True)
+class PooledBuffer:
+    """One buffer of the output pool: its address, its size in elements, and whether an output still uses it."""
+
+    data_ptr: int
+    numel: int
+    in_use: bool
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What the CPU path keeps between calls (``cache_info()``): pooled output buffers oldest first, the number of
+    cached cos/sin tables and of compiled passes."""
+
+    pool: tuple[PooledBuffer, ...]
+    tables: int
+    compiled_passes: int
+
+
+def cache_info() -> CacheInfo:
+    """A snapshot of the CPU path's caches, for memory accounting and tests (holds no reference to a buffer)."""
+    with _pool_lock:
+        pool = tuple(PooledBuffer(buf.data_ptr(), buf.numel(), _storage_users(buf) > 1) for buf in _pool)
+    return CacheInfo(pool=pool, tables=len(_table_cache) + len(_pair_cache), compiled_passes=len(_compiled_passes))
 
 
 def clear_cache() -> None:
@@ -301,17 +333,20 @@ _pair_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
 def _pair_tables_cached(cos: Tensor, sin: Tensor, interleaved: bool, heads_first: bool) -> tuple[Tensor, Tensor]:
     """``pair_tables`` of (1|B, S, rotary_dim/2) tables, with a heads axis to broadcast over (heads-first
     (B, 1, S, ...), heads-last (B, S, 1, ...)); cached per table pair, as the tables themselves are."""
+    axis = 1 if heads_first else 2
+    if torch.compiler.is_compiling():
+        return pair_tables(cos.unsqueeze(axis), sin.unsqueeze(axis), interleaved)
+    # Keyed on the tables' ids; the entry holds the tables themselves, so an id cannot be reused while cached.
     key = (id(cos), id(sin), interleaved, heads_first)
-    hit = None if torch.compiler.is_compiling() else _pair_cache.get(key)
+    hit = _pair_cache.get(key)
     if hit is not None and hit[0] is cos and hit[1] is sin:
         _pair_cache.move_to_end(key)
         return hit[2], hit[3]
-    axis = 1 if heads_first else 2
-    cos_p, sin_p = pair_tables(cos.unsqueeze(axis), sin.unsqueeze(axis), interleaved)
-    if not torch.compiler.is_compiling():
-        _pair_cache[key] = (cos, sin, cos_p, sin_p)
-        while len(_pair_cache) > TABLE_CACHE_ENTRIES:
-            _pair_cache.popitem(last=False)
+    with _normal_tensors():
+        cos_p, sin_p = pair_tables(cos.unsqueeze(axis), sin.unsqueeze(axis), interleaved)
+    _pair_cache[key] = (cos, sin, cos_p, sin_p)
+    while len(_pair_cache) > TABLE_CACHE_ENTRIES:
+        _pair_cache.popitem(last=False)
     return cos_p, sin_p
 
 
@@ -338,7 +373,9 @@ def rotate_qk(
             outs.append(x.copy_(rot) if inplace else rot)
         else:
             grad = x.requires_grad and torch.is_grad_enabled()
-            key = (x.dtype, interleaved, grad, x.dim())
+            # Inference mode is part of the key: Dynamo guards on it, so each mode gets its own compiled code
+            # (and its own recompile budget) instead of recompiling one back and forth.
+            key = (x.dtype, interleaved, grad, x.dim(), torch.is_inference_mode_enabled())
             if inplace and not grad:
                 outs.append(_rotate_inplace(key, compile, x, cos_p, sin_p, rotary_dim, interleaved,
                                             1 if heads_first else 2))

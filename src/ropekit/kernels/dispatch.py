@@ -1,4 +1,8 @@
-"""Backend choice and the fast-path entry point behind ``ropekit.apply_rotary(..., backend=...)``.
+"""The dispatcher: ``ropekit.apply_rotary`` and ``ropekit.rotate``, which pick a backend and run it.
+
+Layers (each imports only those before it): ``config``/``methods`` <- ``rotation`` (the float64 reference)
+<- the kernels ``kernels.cpu``, ``kernels.triton_rope``, ``kernels.ops`` <- this module (and the
+``ropekit.kernels`` package, which re-exports it) <- ``module`` (``RotaryEmbedding``).
 
 Backends:
   * ``"reference"``: the pure-PyTorch reference (``ropekit.rotation``), float64 angles; the ground truth.
@@ -22,6 +26,13 @@ import torch
 
 from ropekit.kernels import cpu as cpu_path
 from ropekit.kernels import triton_rope
+from ropekit.rotation import (
+    apply_rotary_reference,
+    as_frequencies,
+    check_qk,
+    resolve_positions,
+)
+from ropekit.rotation import rotate as rotate_reference
 
 Tensor = torch.Tensor
 
@@ -31,7 +42,7 @@ FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # inputs (unit tests, toy models) skip the seconds of compiling the fused pass; real prefill sizes take it.
 CPU_MIN_ELEMENTS = 1 << 18
 
-_turns_cache: dict[int, tuple[Tensor, Tensor]] = {}
+_turns_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 def _interpreting() -> bool:
@@ -73,24 +84,30 @@ def resolve_backend(backend: str, ref: Tensor, numel: int) -> str:
     return backend
 
 
-def _turns(inv_freq64: Tensor) -> Tensor:
-    """Fixed-point turns of ``inv_freq64``, cached per tensor (device ops only: no host sync)."""
+def _turns(inv_freq64: Tensor, device: torch.device) -> Tensor:
+    """Fixed-point turns of ``inv_freq64`` on ``device``, cached per (tensor, device).
+
+    The entry holds ``inv_freq64`` itself, so its id cannot be reused while cached. On a hit nothing is
+    copied or allocated (what CUDA-graph capture needs: fill the cache in a warm-up call before capturing);
+    on a miss only device ops run (no host sync). The cached turns are normal tensors, also when made under
+    ``torch.inference_mode()``: the custom op saves them for backward when autograd runs later.
+    """
     if torch.compiler.is_compiling():
-        return triton_rope.turns_fixed_point(inv_freq64)
-    hit = _turns_cache.get(id(inv_freq64))
+        return triton_rope.turns_fixed_point(inv_freq64.to(device))
+    key = (id(inv_freq64), str(device))
+    hit = _turns_cache.get(key)
     if hit is not None and hit[0] is inv_freq64:
         return hit[1]
-    turns = triton_rope.turns_fixed_point(inv_freq64)
+    with torch.inference_mode(False):
+        turns = triton_rope.turns_fixed_point(inv_freq64.to(device))
     if len(_turns_cache) > 64:
         _turns_cache.clear()
-    _turns_cache[id(inv_freq64)] = (inv_freq64, turns)
+    _turns_cache[key] = (inv_freq64, turns)
     return turns
 
 
 def _positions(positions, batch: int, seq: int, device: torch.device, cu_seqlens: Tensor | None) -> Tensor:
     """(1|B, S) int64 positions; like ``rotation.resolve_positions`` but with no host read under compile."""
-    from ropekit.rotation import resolve_positions
-
     if cu_seqlens is not None:
         if positions is not None:
             raise ValueError("positions, cu_seqlens: pass one or the other")
@@ -140,12 +157,17 @@ def apply_rotary_fast(
     Returns:
         (q_rotated, k_rotated), shapes and dtypes of the inputs.
     """
-    from ropekit.rotation import _as_frequencies, _check_qk, apply_rotary
-
     if q is None and k is None:
         raise ValueError("q, k: at least one tensor is needed")
-    f = _as_frequencies(freqs, seq_len)
-    batch, seq = _check_qk(q, k, f.rotary_dim, heads_first)
+    f = as_frequencies(freqs, seq_len)
+    batch, seq = check_qk(q, k, f.rotary_dim, heads_first)
+    if (inplace and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+            and any(t is not None and t.is_inference() for t in (q, k))):
+        # Inference tensors (made under torch.inference_mode()) can only be written inside it: rotate them
+        # there. They take no part in autograd, so nothing is lost.
+        with torch.inference_mode():
+            return apply_rotary_fast(q, k, f, positions, heads_first=heads_first, inverse=inverse,
+                                     backend=backend, inplace=True, cu_seqlens=cu_seqlens)
     ref = q if q is not None else k
     numel = sum(t.numel() for t in (q, k) if t is not None)
     chosen = resolve_backend(backend, ref, numel)
@@ -153,7 +175,7 @@ def apply_rotary_fast(
         pos = positions
         if cu_seqlens is not None:
             pos = _positions(positions, batch, seq, ref.device, cu_seqlens)
-        out_q, out_k = apply_rotary(q, k, f, pos, heads_first=heads_first, inverse=inverse, backend="reference")
+        out_q, out_k = apply_rotary_reference(q, k, f, pos, heads_first=heads_first, inverse=inverse)
         if inplace:
             out_q = None if q is None else q.copy_(out_q)
             out_k = None if k is None else k.copy_(out_k)
@@ -184,9 +206,9 @@ def _empty_heads(like: Tensor, heads_first: bool) -> Tensor:
 def _triton(q, k, f, pos, scale, conjugate, interleaved, heads_first, inplace):
     from ropekit.kernels import ops
 
-    turns = _turns(f.inv_freq64.to(pos.device))
+    turns = _turns(f.inv_freq64, pos.device)
     unscaled = f.unscaled_until if f.original_inv_freq64 is not None else 0
-    turns0 = _turns(f.original_inv_freq64.to(pos.device)) if unscaled else turns
+    turns0 = _turns(f.original_inv_freq64, pos.device) if unscaled else turns
     qq = q if q is not None else _empty_heads(k, heads_first)
     kk = k if k is not None else _empty_heads(q, heads_first)
     args = (pos, turns, turns0, int(unscaled), float(scale), bool(conjugate), interleaved, heads_first,
@@ -199,8 +221,40 @@ def _triton(q, k, f, pos, scale, conjugate, interleaved, heads_first, inplace):
     return (out_q if q is not None else None), (out_k if k is not None else None)
 
 
+def apply_rotary(
+    q: Tensor | None,
+    k: Tensor | None,
+    freqs,
+    positions: int | Tensor | None = None,
+    *,
+    heads_first: bool = True,
+    inverse: bool = False,
+    seq_len: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor | None, Tensor | None]:
+    """Rotate q and k by their positions, on the backend ``backend`` picks (``ropekit.apply_rotary``).
+
+    Args:
+        q: (batch, q_heads, seq, head_dim) or (batch, seq, q_heads, head_dim) with ``heads_first=False``;
+            None to skip.
+        k: the same with k_heads (may differ from q_heads); None to skip.
+        freqs: ``Frequencies`` (from ``ropekit.frequencies``) or a ``RopeConfig`` (resolved at ``seq_len``).
+        positions: None, an int offset, (seq,) or (batch, seq) integer tensor.
+        inverse: undo a rotation (rotate by -angle and divide by the attention scale).
+        seq_len: current length for length-dependent methods when ``freqs`` is a RopeConfig.
+        backend: "auto" (default), "reference", "cpu" or "triton" (see the module docstring).
+    Returns:
+        (q_rotated, k_rotated), same shapes and dtypes as the inputs.
+    """
+    fast = dispatch_rotary(q, k, freqs, positions, heads_first=heads_first, inverse=inverse, seq_len=seq_len,
+                           backend=backend)
+    if fast is not None:
+        return fast
+    return apply_rotary_reference(q, k, freqs, positions, heads_first=heads_first, inverse=inverse, seq_len=seq_len)
+
+
 def dispatch_rotary(q, k, freqs, positions, *, heads_first, inverse, seq_len, backend):
-    """Hook at the top of ``ropekit.apply_rotary``: the fast result, or None to run the reference."""
+    """The fast result of ``apply_rotary``, or None where the reference is to run."""
     check_backend(backend)
     ref = q if q is not None else k
     if backend == "reference" or not isinstance(ref, Tensor):
@@ -210,3 +264,51 @@ def dispatch_rotary(q, k, freqs, positions, *, heads_first, inverse, seq_len, ba
         return None
     return apply_rotary_fast(q, k, freqs, positions, heads_first=heads_first, inverse=inverse,
                              seq_len=seq_len, backend=backend)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: str = "neox", conjugate: bool = False, *,
+           backend: str = "auto") -> Tensor:
+    """Rotate the first 2 * cos.shape[-1] channels of ``x`` with given tables (``ropekit.rotate``).
+
+    Args:
+        x: (..., head_dim) any float dtype.
+        cos, sin: half-size tables broadcastable to x[..., :rotary_dim//2], e.g. (batch|1, 1, seq, rotary_dim/2)
+            for a heads-first x (batch, heads, seq, head_dim), or (batch|1, seq, 1, rotary_dim/2) heads-last.
+        layout: "neox" or "gptj"; conjugate: rotate by -angle.
+        backend: "auto" (the fused CPU pass for large 4-D float32/bf16/fp16 CPU inputs with 4-D float32
+            tables shaped as above, else the reference), "reference" or "cpu". "triton" computes its angles
+            from positions, not tables: use ``apply_rotary`` for it.
+    Returns:
+        Tensor like ``x``; the CPU pass gives the reference's values bit for bit.
+    """
+    check_backend(backend)
+    if backend == "triton":
+        raise ValueError("backend 'triton': the kernel computes its angles from positions, not from cos/sin "
+                         "tables; use apply_rotary(q, k, freqs, positions, backend='triton')")
+    if backend != "reference":
+        heads_first = _table_axis(x, cos, sin)
+        if heads_first is None:
+            if backend == "cpu":
+                raise ValueError(f"backend 'cpu': needs a 4-D x and 4-D float32 tables with a heads axis of 1, "
+                                 f"got x {tuple(x.shape)}, cos {tuple(cos.shape)} ({cos.dtype})")
+        elif resolve_backend(backend, x, x.numel()) == "cpu":
+            axis = 1 if heads_first else 2
+            c, s = cos.squeeze(axis), sin.squeeze(axis)
+            if conjugate:
+                s = -s
+            return cpu_path.rotate_qk(x, None, c, s, rotary_dim=2 * c.shape[-1], interleaved=layout == "gptj",
+                                      heads_first=heads_first)[0]
+    return rotate_reference(x, cos, sin, layout, conjugate)
+
+
+def _table_axis(x: Tensor, cos: Tensor, sin: Tensor) -> bool | None:
+    """True/False: tables (B|1, 1, S, d/2) for heads-first / (B|1, S, 1, d/2) for heads-last 4-D x; None else."""
+    if x.dim() != 4 or cos.dim() != 4 or cos.shape != sin.shape or cos.dtype != torch.float32:
+        return None
+    if 2 * cos.shape[-1] > x.shape[-1] or cos.shape[0] not in (1, x.shape[0]):
+        return None
+    if cos.shape[1] == 1 and cos.shape[2] == x.shape[2]:
+        return True
+    if cos.shape[2] == 1 and cos.shape[1] == x.shape[1]:
+        return False
+    return None

@@ -1,10 +1,17 @@
-"""Scaling methods, one module each, registered by name.
+"""Scaling methods, one module each, registered by name (see ``registry`` for what a method declares).
 
-``frequencies(cfg, seq_len)`` resolves a ``RopeConfig`` to float32/float64 inverse frequencies and the
-final attention scale.
+Adding a method: one new module here that calls ``register(MethodSpec(...))`` with its ``Param``s (imported
+below without being named), plus its tests; a parameter that is no RopeConfig field is kept in
+``RopeConfig.extra`` and read as ``cfg.<name>``.
+
+``frequencies(cfg, seq_len)`` resolves a ``RopeConfig`` to float32/float64 inverse frequencies and the final
+attention scale.
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from ropekit.methods import (  # noqa: F401  (registration order = listing order)
     default,
@@ -17,9 +24,32 @@ from ropekit.methods import (  # noqa: F401  (registration order = listing order
     longrope,
     base_change,
 )
-from ropekit.methods.registry import Frequencies, MethodSpec, get_method, method_names, register
 
-__all__ = ["Frequencies", "MethodSpec", "frequencies", "get_method", "method_names", "register"]
+# Any other module here is a method too, registered after the ones above (by file name): a new method is one
+# new file. Modules starting with "_" are helpers.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if not _module.startswith("_") and _module != "registry":
+        importlib.import_module(f"{__name__}.{_module}")
+from ropekit.methods.longrope import read_factors_file
+from ropekit.methods.registry import (
+    METHOD_ALIASES,
+    Frequencies,
+    MethodSpec,
+    Param,
+    canonical_name,
+    get_method,
+    hf_rope_keys,
+    method_fields,
+    method_names,
+    parameters,
+    readers,
+    register,
+    unregister,
+)
+
+__all__ = ["METHOD_ALIASES", "Frequencies", "MethodSpec", "Param", "canonical_name", "frequencies", "get_method",
+           "hf_rope_keys", "method_fields", "method_names", "parameters", "read_factors_file", "readers", "register",
+           "unregister"]
 
 
 def frequencies(cfg, seq_len: int | None = None) -> Frequencies:

@@ -9,7 +9,9 @@ length (8k ~ 8.4e4, 32k ~ 6.4e5, 128k ~ 7.8e6); see ``suggested_base``. Attentio
 import math
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import MethodSpec, register
+from ropekit.methods.registry import MethodSpec, Param, register
+
+NEW_BASE = Param("new_base", "float", "the new rope_theta (e.g. 500000)", minimum=1.0, exclusive=True)
 
 # (context length, lower bound on the base) from arXiv 2405.14591, table 1 / figure 4.
 BASE_LOWER_BOUNDS = ((1_000, 4.3e3), (2_000, 1.6e4), (4_000, 2.7e4), (8_000, 8.4e4), (16_000, 3.1e5),
@@ -33,6 +35,12 @@ def compute(cfg, seq_len=None):
     return default_inv_freq(cfg.new_base, cfg.rotary_dim), 1.0
 
 
+def to_hf(cfg) -> dict:
+    return {"rope_type": "default", "rope_theta": cfg.new_base}
+
+
 SPEC = register(
-    MethodSpec("base", compute, required=("new_base",), summary="base-frequency change (ABF) to new_base")
+    MethodSpec("base", compute, params=(NEW_BASE,), required=("new_base",), to_hf=to_hf,
+               describe=lambda cfg: f"base -> {cfg.new_base:.4g}",
+               summary="base-frequency change (ABF) to new_base")
 )

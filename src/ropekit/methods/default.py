@@ -13,4 +13,6 @@ def compute(cfg, seq_len=None):
     return default_inv_freq(cfg.base, cfg.rotary_dim), 1.0
 
 
-SPEC = register(MethodSpec("default", compute, hf_type="default", summary="plain RoPE, no scaling"))
+SPEC = register(
+    MethodSpec("default", compute, hf_type="default", gguf_type="none", summary="plain RoPE, no scaling")
+)

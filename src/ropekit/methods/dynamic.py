@@ -10,7 +10,8 @@ KV-cache policy. Attention scale 1.
 """
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import MethodSpec, register
+from ropekit.methods.ntk import check_rotary_dim
+from ropekit.methods.registry import FACTOR, ORIGINAL_MAX_POSITION, MethodSpec, register
 
 
 def dynamic_base(base: float, factor: float, rotary_dim: int, seq_len: int, original_length: int) -> float:
@@ -29,9 +30,13 @@ SPEC = register(
     MethodSpec(
         "dynamic",
         compute,
+        params=(FACTOR, ORIGINAL_MAX_POSITION),
         required=("factor", "original_max_position"),
         length_dependent=True,
         hf_type="dynamic",
+        hf_trained_from_max_position=True,
+        check=check_rotary_dim,
+        describe=lambda cfg: "base grows with the length (shown at the target)",
         summary="dynamic NTK: the base grows with the current length",
     )
 )

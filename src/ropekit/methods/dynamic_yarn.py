@@ -9,8 +9,8 @@ YaRN with the factor taken from the current length l instead of fixed:
 """
 
 from ropekit.methods._common import default_inv_freq, yarn_attention_scale, yarn_inv_freq
-from ropekit.methods.registry import MethodSpec, register
-from ropekit.methods.yarn import YARN_FIELDS
+from ropekit.methods.registry import FACTOR, ORIGINAL_MAX_POSITION, MethodSpec, register
+from ropekit.methods.yarn import YARN_PARAMS, check_betas
 
 
 def compute(cfg, seq_len):
@@ -24,9 +24,12 @@ SPEC = register(
     MethodSpec(
         "dynamic_yarn",
         compute,
+        params=(ORIGINAL_MAX_POSITION, FACTOR) + YARN_PARAMS,
         required=("original_max_position",),
-        accepted=("factor",) + YARN_FIELDS,
         length_dependent=True,
+        not_exportable="transformers has no dynamic YaRN (its factor follows the current length)",
+        check=check_betas,
+        describe=lambda cfg: "yarn with s from the length (shown at the target)",
         summary="YaRN with s = max(1, l/L) from the current length",
     )
 )

@@ -7,7 +7,7 @@ Short contexts lose resolution until fine-tuned (~1000 steps in the paper). Atte
 """
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import MethodSpec, register
+from ropekit.methods.registry import FACTOR, MethodSpec, register
 
 
 def compute(cfg, seq_len=None):
@@ -15,5 +15,6 @@ def compute(cfg, seq_len=None):
 
 
 SPEC = register(
-    MethodSpec("linear", compute, required=("factor",), hf_type="linear", summary="Position Interpolation: inv_freq / s")
+    MethodSpec("linear", compute, params=(FACTOR,), required=("factor",), hf_type="linear", gguf_type="linear",
+               describe=lambda cfg: "positions squeezed by s (PI)", summary="Position Interpolation: inv_freq / s")
 )

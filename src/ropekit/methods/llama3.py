@@ -14,13 +14,17 @@ import math
 import torch
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import MethodSpec, register
+from ropekit.methods.registry import FACTOR, ORIGINAL_MAX_POSITION, MethodSpec, Param, register
+
+LOW_FREQ_FACTOR = Param("low_freq_factor", "float", "pairs with wavelength > L / low_freq_factor are divided by s",
+                        default=1.0, minimum=0.0, exclusive=True, hf_key="low_freq_factor")
+HIGH_FREQ_FACTOR = Param("high_freq_factor", "float", "pairs with wavelength < L / high_freq_factor keep their speed",
+                         default=4.0, minimum=0.0, exclusive=True, hf_key="high_freq_factor")
 
 
 def compute(cfg, seq_len=None):
     inv = default_inv_freq(cfg.base, cfg.rotary_dim)
-    low = 1.0 if cfg.low_freq_factor is None else cfg.low_freq_factor
-    high = 4.0 if cfg.high_freq_factor is None else cfg.high_freq_factor
+    low, high = _low_high(cfg)
     length = cfg.original_max_position
     wavelength = 2 * math.pi / inv
     smooth = (length / wavelength - low) / (high - low)
@@ -30,13 +34,28 @@ def compute(cfg, seq_len=None):
     return torch.where(medium, blended, out), 1.0
 
 
+def _low_high(cfg) -> tuple[float, float]:
+    low = LOW_FREQ_FACTOR.default if cfg.low_freq_factor is None else cfg.low_freq_factor
+    high = HIGH_FREQ_FACTOR.default if cfg.high_freq_factor is None else cfg.high_freq_factor
+    return low, high
+
+
+def check(cfg) -> None:
+    low, high = _low_high(cfg)
+    if high <= low:
+        raise ValueError(f"high_freq_factor: must be > low_freq_factor ({low}), got {high}")
+
+
 SPEC = register(
     MethodSpec(
         "llama3",
         compute,
+        params=(FACTOR, ORIGINAL_MAX_POSITION, LOW_FREQ_FACTOR, HIGH_FREQ_FACTOR),
         required=("factor", "original_max_position"),
-        accepted=("low_freq_factor", "high_freq_factor"),
         hf_type="llama3",
+        hf_defaults=("low_freq_factor", "high_freq_factor"),  # transformers requires both
+        check=check,
+        describe=lambda cfg: "fast pairs kept, slow pairs / s, blend between",
         summary="Llama 3.1: keep fast pairs, divide slow pairs by s, blend between",
     )
 )

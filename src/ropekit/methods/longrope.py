@@ -11,12 +11,29 @@ The short/long choice is made once per sequence from its length (never per chunk
 ``RotaryEmbedding``'s KV-cache policy.
 """
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import Frequencies, MethodSpec, register
+from ropekit.methods.registry import (
+    ATTENTION_FACTOR,
+    FACTOR,
+    ORIGINAL_MAX_POSITION,
+    Frequencies,
+    MethodSpec,
+    Param,
+    register,
+)
+
+SHORT_FACTOR = Param("short_factor", "float_list", "per-pair divisors for sequences up to the trained length",
+                     minimum=0.0, exclusive=True, flag="--factors-file", hf_key="short_factor")
+LONG_FACTOR = Param("long_factor", "float_list", "per-pair divisors for sequences longer than the trained length",
+                    minimum=0.0, exclusive=True, flag="--factors-file", hf_key="long_factor")
+N_HAT = Param("n_hat", "int", "leading positions kept at the original rotation (0: none)", default=0, minimum=0)
 
 
 def attention_scale(cfg) -> float:
@@ -40,14 +57,40 @@ def compute(cfg, seq_len):
     )
 
 
+def read_factors_file(path: str | Path) -> dict[str, Any]:
+    """LongRoPE factors from JSON: {"short_factor": [...], "long_factor": [...], ["n_hat": int], ["factor": s],
+    ["attention_factor": a]}. A transformers-style {"rope_parameters": {...}} or {"rope_scaling": {...}} wrapper
+    is accepted too. Returns those keys (RopeConfig fields), unchecked; errors start with ``factors_file:``.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"factors_file: {p} not found")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"factors_file: {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict):
+        data = data.get("rope_parameters") or data.get("rope_scaling") or data
+    if not isinstance(data, dict) or "short_factor" not in data or "long_factor" not in data:
+        raise ValueError(f"factors_file: {p} must hold a JSON object with 'short_factor' and 'long_factor' lists")
+    out = {"short_factor": data["short_factor"], "long_factor": data["long_factor"]}
+    for key in ("n_hat", "factor", "attention_factor"):
+        if data.get(key) is not None:
+            out[key] = data[key]
+    return out
+
+
 SPEC = register(
     MethodSpec(
         "longrope",
         compute,
+        params=(SHORT_FACTOR, LONG_FACTOR, ORIGINAL_MAX_POSITION, FACTOR, ATTENTION_FACTOR, N_HAT),
         required=("short_factor", "long_factor", "original_max_position"),
-        accepted=("factor", "attention_factor", "n_hat"),
         length_dependent=True,
         hf_type="longrope",
+        hf_factor_from_lengths=True,
+        gguf_type="longrope",
+        describe=lambda cfg: "the model's per-pair factors (long)",
         summary="LongRoPE: searched per-pair factors (short/long), first n_hat positions unscaled",
     )
 )

@@ -7,7 +7,7 @@ transformers expresses it as plain RoPE with the new ``rope_theta``.
 """
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import MethodSpec, register
+from ropekit.methods.registry import FACTOR, MethodSpec, register
 
 
 def ntk_base(base: float, factor: float, rotary_dim: int) -> float:
@@ -19,6 +19,20 @@ def compute(cfg, seq_len=None):
     return default_inv_freq(ntk_base(cfg.base, cfg.factor, cfg.rotary_dim), cfg.rotary_dim), 1.0
 
 
+def check_rotary_dim(cfg) -> None:
+    """The base grows as s^(d/(d-2)): d = 2 divides by zero (shared with ``dynamic``)."""
+    if cfg.rotary_dim < 4:
+        raise ValueError(f"rotary_dim: method {cfg.method!r} needs rotary_dim >= 4 (its base grows as "
+                         f"s^(d/(d-2))), got {cfg.rotary_dim}")
+
+
+def to_hf(cfg) -> dict:
+    # transformers has no fixed NTK type, but plain RoPE with the NTK base is the same rotation.
+    return {"rope_type": "default", "rope_theta": ntk_base(cfg.base, cfg.factor, cfg.rotary_dim)}
+
+
 SPEC = register(
-    MethodSpec("ntk", compute, required=("factor",), summary="fixed NTK-aware base change b * s^(d/(d-2))")
+    MethodSpec("ntk", compute, params=(FACTOR,), required=("factor",), to_hf=to_hf, check=check_rotary_dim,
+               describe=lambda cfg: f"base -> {ntk_base(cfg.base, cfg.factor, cfg.rotary_dim):.4g}",
+               summary="fixed NTK-aware base change b * s^(d/(d-2))")
 )

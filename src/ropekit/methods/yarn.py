@@ -10,9 +10,27 @@ where m(s, a) = 0.1 a ln(s) + 1. The scale multiplies cos and sin, so logits sca
 """
 
 from ropekit.methods._common import yarn_attention_scale, yarn_inv_freq
-from ropekit.methods.registry import MethodSpec, register
+from ropekit.methods.registry import ATTENTION_FACTOR, FACTOR, ORIGINAL_MAX_POSITION, MethodSpec, Param, register
 
-YARN_FIELDS = ("beta_fast", "beta_slow", "truncate", "attention_factor", "mscale", "mscale_all_dim")
+BETA_FAST = Param("beta_fast", "float", "ramp starts at pairs turning this often in the trained length",
+                  default=32.0, minimum=0.0, exclusive=True, hf_key="beta_fast")
+BETA_SLOW = Param("beta_slow", "float", "ramp ends at pairs turning this often in the trained length",
+                  default=1.0, minimum=0.0, exclusive=True, hf_key="beta_slow")
+TRUNCATE = Param("truncate", "bool", "round the ramp bounds to whole pairs (floor/ceil)", default=True,
+                 hf_key="truncate")
+MSCALE = Param("mscale", "float", "DeepSeek: mscale of the attention factor m(s, mscale) / m(s, mscale_all_dim)",
+               hf_key="mscale")
+MSCALE_ALL_DIM = Param("mscale_all_dim", "float", "DeepSeek: mscale_all_dim of the attention factor",
+                       hf_key="mscale_all_dim", gguf_key="scaling.yarn_log_multiplier")
+# The parameters YaRN and dynamic YaRN share (besides factor and the trained length).
+YARN_PARAMS = (BETA_FAST, BETA_SLOW, TRUNCATE, ATTENTION_FACTOR, MSCALE, MSCALE_ALL_DIM)
+YARN_FIELDS = tuple(p.field for p in YARN_PARAMS)
+
+
+def check_betas(cfg) -> None:
+    """The ramp runs from the fast bound down to the slow one (shared with ``dynamic_yarn``)."""
+    if cfg.beta_fast is not None and cfg.beta_slow is not None and cfg.beta_fast <= cfg.beta_slow:
+        raise ValueError(f"beta_fast: must be > beta_slow ({cfg.beta_slow}), got {cfg.beta_fast}")
 
 
 def compute(cfg, seq_len=None):
@@ -23,9 +41,13 @@ SPEC = register(
     MethodSpec(
         "yarn",
         compute,
+        params=(FACTOR, ORIGINAL_MAX_POSITION) + YARN_PARAMS,
         required=("factor", "original_max_position"),
-        accepted=YARN_FIELDS,
         hf_type="yarn",
+        hf_factor_from_lengths=True,
+        gguf_type="yarn",
+        check=check_betas,
+        describe=lambda cfg: "NTK-by-parts ramp + temperature",
         summary="YaRN: NTK-by-parts ramp plus attention temperature",
     )
 )

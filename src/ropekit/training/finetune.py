@@ -8,6 +8,12 @@ evaluate, export.
 Loss normalisation: every micro-batch's summed token loss is divided by the number of predicted tokens in
 the whole global batch (all micro-batches of all ranks), so gradient accumulation and data parallelism give
 the gradient of one big batch — the same numbers as a single process, up to summation order.
+
+Memory: the loss never holds full-vocabulary logits. The model body gives the final hidden states
+(batch, seq, hidden); the output head and the cross-entropy then run ``LOSS_CHUNK`` positions at a time, each
+chunk inside ``torch.utils.checkpoint`` so its logits are recomputed in backward instead of kept (8192
+positions x 49k vocabulary in float32 would be 1.6 GB, and its gradient as much again). With gradient
+checkpointing on, what stays alive for backward is each decoder layer's input (layers x seq x hidden).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +48,7 @@ from ropekit.training.distributed import (
     context_from_group,
     init_distributed,
     shutdown_distributed,
+    unwrap_model,
     wrap_model,
 )
 
@@ -51,6 +59,9 @@ STATE_FILE = "state.pt"
 # Learning rate after warm-up: constant (the papers' fine-tuning) or cosine down to 10% (pretraining).
 DECAYS = ("constant", "cosine")
 NOT_FINGERPRINTED = ("steps", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
+# Positions per chunk of the training loss: (batch, LOSS_CHUNK, vocab) float32 logits exist at a time
+# (200 MB for a 49k vocabulary), plus their softmax and gradient in backward.
+LOSS_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -115,9 +126,11 @@ class FinetuneSettings:
 
 @dataclass
 class TrainResult:
-    """What ``train`` did: per-step history ({"step", "loss", "lr", "tokens", "seconds"}), where it started."""
+    """What ``train`` did: per-step history ({"step", "loss", "lr", "tokens", "seconds"}), where it started,
+    and the warnings it gave (e.g. the run ends inside the warm-up)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     start_step: int = 0
     final_step: int = 0
     checkpoints: list[str] = field(default_factory=list)
@@ -296,6 +309,96 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside a DDP and/or peft wrapper (FSDP2 keeps the model itself)."""
+    model = unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states as the causal LM's forward makes them: the output head, then Cohere's
+    ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's ``final_logit_softcapping`` (as
+    ``ropekit.evaluation.perplexity.output_logits``). Half precision is upcast to float32; float64 stays."""
+    logits = model.get_output_embeddings()(hidden)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    cfg = model.config
+    if getattr(cfg, "logit_scale", None) is not None:
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
+        logits = logits / cfg.logits_scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = head_logits(model, hidden)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                     chunk_size: int = LOSS_CHUNK) -> torch.Tensor:
+    """``token_loss_sum`` of the causal LM ``model``'s logits, computed from its final hidden states
+    (batch, seq, hidden) ``chunk_size`` positions at a time.
+
+    Each chunk's head and cross-entropy run inside ``torch.utils.checkpoint`` (non-reentrant): only the chunk's
+    hidden states are kept for backward, and its logits are recomputed there. So at most one chunk of
+    (batch, chunk_size, vocab) logits exists at a time, in forward and in backward.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = hidden[:, :-1]
+    target = labels[:, 1:].to(hidden.device)
+    total = None
+    for start in range(0, hidden.shape[1], chunk_size):
+        piece = (hidden[:, start:start + chunk_size], target[:, start:start + chunk_size])
+        if torch.is_grad_enabled():
+            part = checkpoint(_chunk_loss_sum, model, *piece, use_reentrant=False)
+        else:
+            part = _chunk_loss_sum(model, *piece)
+        total = part if total is None else total + part
+    return total
+
+
+@contextlib.contextmanager
+def loss_forward(model: torch.nn.Module, chunk_size: int = LOSS_CHUNK):
+    """While active, calling ``model`` (or its DDP / FSDP / peft wrapper) with ``input_ids``, ``labels`` and the
+    body's keyword arguments returns the summed token loss (``chunked_loss_sum``) instead of logits.
+
+    The causal LM's forward is replaced for the duration (an instance attribute, removed on exit) so that the
+    call still goes through the wrappers' forward: DDP's gradient-sync bookkeeping and FSDP's unsharding of the
+    root's parameters (embeddings, final norm, head) happen as for an ordinary forward.
+    """
+    from ropekit.evaluation.perplexity import model_body
+
+    lm = causal_lm(model)
+    body = model_body(lm)
+    had_own = "forward" in lm.__dict__
+    own = lm.__dict__.get("forward")
+
+    def forward(input_ids=None, labels=None, **kwargs):
+        if labels is None:
+            raise ValueError("labels: the training loss needs labels")
+        # peft passes its optional arguments explicitly (attention_mask=None, return_dict=None...).
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("return_dict", "labels")}
+        hidden = body(input_ids=input_ids, **kwargs).last_hidden_state
+        return chunked_loss_sum(lm, hidden, labels, chunk_size)
+
+    lm.forward = forward
+    try:
+        yield model
+    finally:
+        if had_own:
+            lm.forward = own
+        else:
+            del lm.forward
+
+
 def set_gradient_checkpointing(model: torch.nn.Module, enable: bool) -> None:
     """Turn transformers' activation checkpointing on (non-reentrant) or off; ValueError if the model lacks it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
@@ -327,6 +430,20 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int, decay: str = 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def warmup_warning(settings: FinetuneSettings) -> str | None:
+    """The warning for a run that ends inside its warm-up (the learning rate never reaches ``lr``), else None.
+
+    Step s (from 0) runs at lr * (s + 1) / warmup during the warm-up, so the last step reaches lr only when
+    steps >= warmup.
+    """
+    if settings.steps >= settings.warmup:
+        return None
+    peak = settings.lr * settings.steps / settings.warmup
+    return (f"--steps {settings.steps} ends inside the {settings.warmup}-step warm-up (--warmup): the learning "
+            f"rate peaks at {peak:.3g} and never reaches --lr {settings.lr:g}; train for at least "
+            f"{settings.warmup} steps or shorten the warm-up")
+
+
 def train(
     model: torch.nn.Module,
     rows: PackedRows,
@@ -339,6 +456,7 @@ def train(
     progress: bool = True,
     desc: str = "fine-tune",
     after_backward: Callable[[int, torch.nn.Module], None] | None = None,
+    loss_chunk: int = LOSS_CHUNK,
 ) -> TrainResult:
     """Train ``model`` (already on its device, RoPE already swapped, LoRA already applied) on packed ``rows``.
 
@@ -349,6 +467,9 @@ def train(
         resume: continue from the newest checkpoint in out_dir (its fingerprint must equal ``fingerprint``).
         ctx: the process group (default: the initialised one, or a single process).
         after_backward: called as f(step, model) once the step's gradients are complete (before clipping).
+        loss_chunk: positions per chunk of the loss (``chunked_loss_sum``); changes only the summation order.
+
+    Warns (and lists in ``TrainResult.warnings``) when the run ends inside the warm-up.
     """
     from tqdm.auto import tqdm
 
@@ -368,6 +489,13 @@ def train(
                          f"or choose another --out")
     latest = check_resumable(out_dir, fingerprint) if resume else None
 
+    result = TrainResult()
+    message = warmup_warning(settings)
+    if message is not None:
+        result.warnings.append(message)
+        if ctx.is_main:
+            warnings.warn(message, UserWarning, stacklevel=2)
+
     torch.manual_seed(settings.seed)
     if settings.gradient_checkpointing:
         set_gradient_checkpointing(model, True)
@@ -383,7 +511,6 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=settings.betas)
     scheduler = warmup_schedule(optimizer, settings.warmup, settings.decay, settings.steps)
 
-    result = TrainResult()
     step = 0
     if latest is not None:
         step, result.history = load_checkpoint(latest, wrapped, optimizer, scheduler, ctx, settings)
@@ -417,10 +544,9 @@ def train(
                 if is_fsdp:
                     wrapped.set_requires_gradient_sync(last)
                 with sync:
-                    with autocast:
-                        logits = wrapped(input_ids=batch.input_ids.to(device),
-                                         **packed_forward_kwargs(batch.position_ids.to(device), dtype)).logits
-                    loss = token_loss_sum(logits, batch.labels.to(device)) / n_tokens
+                    with autocast, loss_forward(wrapped, loss_chunk):  # the summed token loss, not logits
+                        loss = wrapped(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
+                                       **packed_forward_kwargs(batch.position_ids.to(device), dtype)) / n_tokens
                     # DDP / FSDP average gradients over ranks; the loss is already a share of the global mean.
                     (loss * ctx.world_size).backward()
                 local_loss += loss.detach().to("cpu", torch.float64)
@@ -577,7 +703,8 @@ def _finetune_in_group(ctx: DistContext, source: str, *, rope, data, out_dir, se
                    progress=progress)
     summary: dict[str, Any] = {"source": str(source), "rope": cfg.to_dict(), "settings": settings.fingerprint(),
                                "steps": settings.steps, "world_size": ctx.world_size, "rows": len(rows),
-                               "history": result.history, "resumed_from_step": result.start_step}
+                               "history": result.history, "resumed_from_step": result.start_step,
+                               "warnings": result.warnings}
     model = merge_lora(model)
     patch.remove()  # evaluation applies the RoPE itself; export needs the plain model
     if ctx.is_main and export:  # before evaluation, so a failing evaluation cannot lose the trained weights

@@ -204,8 +204,7 @@ def method_config(base: RopeConfig, method: str, factor: float) -> RopeConfig:
     """The pretrained RoPE extended by ``method`` to factor * L (no scaling: unchanged)."""
     if method == "default":
         return base
-    return base.with_method(method, factor=float(factor),
-                            max_position=int(round(factor * base.original_max_position)))
+    return base.extend(method, float(factor))
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -271,15 +270,19 @@ def evaluate_methods(model, configs: dict[str, RopeConfig], sizes: StudySizes, w
 
 # ---------------------------------------------------------------------- the study
 def run_study(out_dir: str | Path, sizes: StudySizes = StudySizes(), methods: tuple[str, ...] = STUDY_METHODS,
-              progress: bool = True, log=print) -> dict[str, Any]:
-    """Run the whole study and write the report folder; returns the results dict (also results.json)."""
+              progress: bool = True, log=print, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run the whole study and write the report folder; returns the results dict (also results.json).
+
+    The folder is checked before any work and written through ``ropekit.output.OutputDir`` (files ropekit did
+    not write are refused unless ``overwrite``, and kept either way)."""
     from ropekit.models import apply_rope
+    from ropekit.output import OutputDir, check_output_dir
 
     for m in methods:
         if m not in STUDY_METHODS:
             raise ValueError(f"methods: {m!r} not accepted; accepted: {', '.join(STUDY_METHODS)}")
+    check_output_dir(out_dir, overwrite=overwrite)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     train_docs, held_out = stdlib_files(sizes.max_files)
@@ -332,10 +335,11 @@ def run_study(out_dir: str | Path, sizes: StudySizes = StudySizes(), methods: tu
                "eval_lengths": sizes.eval_lengths, "pretrain_rows": len(pre_rows), "finetune_rows": len(long_rows),
                "before": before, "after": after, "pretrain_history": pretrain.history, "finetune_history": curves,
                "timings": timings, "torch_threads": torch.get_num_threads()}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_position(results, out / "ppl_vs_position.png")
-    plot_curves(results, out / "training_curves.png")
-    (out / "summary.md").write_text(summary_markdown(results))
+    with OutputDir(out, command="study", overwrite=overwrite) as folder:
+        folder.write_text("results.json", json.dumps(results, indent=2))
+        plot_position(results, folder.path("ppl_vs_position.png"))
+        plot_curves(results, folder.path("training_curves.png"))
+        folder.write_text("summary.md", summary_markdown(results))
     log(f"[study] wrote {out / 'summary.md'} in {timings['total_s'] / 60:.1f} min")
     return results
 

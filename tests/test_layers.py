@@ -1,0 +1,210 @@
+"""The package's imports go one way: no cycles, no library module importing the CLI, layers in order.
+
+Read from the source with ``ast`` (nothing is imported). Every ``import`` counts, also inside functions (a
+function-level import is still a dependency), except under ``if TYPE_CHECKING:`` (type hints only). A package
+``__init__`` is a module of its own (``ropekit.kernels``); importing ``a.b.c`` depends on ``a.b.c`` only.
+
+Layers, lowest first; a module may import its own layer and those below it, never one above:
+
+    config, methods  <  rotation (float64 reference)  <  kernels (cpu, triton_rope, ops)
+    <  dispatch (kernels.dispatch and the kernels package that re-exports it)  <  module (RotaryEmbedding)
+    and the ropekit package  <  models / hf / io / output  <  evaluation / training / analysis / kernels.bench
+    <  commands / cli
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = "ropekit"
+
+# (layer name, module names). A name covers the module and everything under it; "=name" covers that module
+# only (a package __init__ whose submodules sit on other layers). The longest match decides.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("core", ("ropekit.config", "ropekit.methods")),
+    ("reference", ("ropekit.rotation",)),
+    ("kernels", ("ropekit.kernels.cpu", "ropekit.kernels.triton_rope", "ropekit.kernels.ops")),
+    ("dispatch", ("ropekit.dispatch", "ropekit.kernels.dispatch", "=ropekit.kernels")),
+    ("module", ("ropekit.module", "=ropekit")),
+    ("integration", ("ropekit.models", "ropekit.hf", "ropekit.io", "ropekit.output")),
+    ("applications", ("ropekit.evaluation", "ropekit.eval", "ropekit.training", "ropekit.train", "ropekit.search",
+                      "ropekit.analysis", "ropekit.kernels.bench")),
+    ("cli", ("ropekit.cli", "ropekit.commands")),
+]
+CLI_PREFIXES = ("ropekit.cli", "ropekit.commands")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted((SRC / PACKAGE).rglob("*.py"))}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules ``name`` (at ``path``) imports, TYPE_CHECKING blocks left out."""
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+
+    def resolve(target: str) -> str | None:
+        # The module itself, else its closest enclosing package that exists (``ropekit.kernels.x.y`` -> ...).
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == PACKAGE:
+                    found.add(resolve(alias.name))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] == PACKAGE:
+                for alias in node.names:
+                    sub = f"{source}.{alias.name}"
+                    found.add(sub if sub in modules else resolve(source))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    found.discard(None)
+    found.discard(name)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imported(name, path, modules) for name, path in modules.items()}
+
+
+def _layer(name: str) -> int | None:
+    best, best_len = None, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            exact = prefix.startswith("=")
+            prefix = prefix.lstrip("=")
+            covers = name == prefix or (not exact and name.startswith(prefix + "."))
+            if covers and len(prefix) > best_len:
+                best, best_len = index, len(prefix)
+    return best
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (as a path a -> ... -> a) per strongly connected component with more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    counter = [0]
+
+    def connect(v: str) -> None:  # Tarjan
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    cycles = []
+    for component in components:
+        members = set(component)
+        start = component[0]
+        path, seen = [start], {start}
+        while True:  # walk inside the component until a module repeats
+            nxt = sorted(w for w in graph[path[-1]] if w in members)[0]
+            if nxt in seen:
+                path = path[path.index(nxt):] + [nxt]
+                break
+            path.append(nxt)
+            seen.add(nxt)
+        cycles.append(path)
+    return cycles
+
+
+def test_the_scanner_sees_the_imports_it_must():
+    """The checks below are only as good as the graph: known edges must be in it, type-hint imports not."""
+    graph = _graph()
+    assert "ropekit.methods" in graph["ropekit.config"]
+    assert "ropekit.methods.registry" in graph["ropekit.methods.yarn"]
+    assert "ropekit.rotation" in graph["ropekit.kernels.cpu"]
+    assert "ropekit.config" not in graph["ropekit.methods.registry"]  # under TYPE_CHECKING only
+    # A function-level import counts: commands.common imports ropekit.models inside functions only.
+    assert "ropekit.models" in graph["ropekit.commands.common"]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _layer("ropekit") == _layer("ropekit.module") and _layer("ropekit.newthing") is None
+    assert _layer("ropekit.kernels.dispatch") > _layer("ropekit.kernels.cpu") > _layer("ropekit.rotation")
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_library_never_imports_the_cli():
+    graph = _graph()
+    bad = sorted(f"{m} -> {dep}" for m, deps in graph.items() if not m.startswith(CLI_PREFIXES)
+                 for dep in deps if dep.startswith(CLI_PREFIXES))
+    assert not bad, "library modules importing the CLI:\n" + "\n".join(bad)
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(m for m in _graph() if _layer(m) is None)
+    assert not missing, f"modules with no layer in LAYERS (add them): {missing}"
+
+
+def test_layers_import_only_downwards():
+    graph = _graph()
+    bad = []
+    for module, deps in sorted(graph.items()):
+        here = _layer(module)
+        for dep in sorted(deps):
+            there = _layer(dep)
+            if here is not None and there is not None and there > here:
+                bad.append(f"{module} ({LAYERS[here][0]}) -> {dep} ({LAYERS[there][0]})")
+    assert not bad, "imports going up a layer:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("module", ["ropekit.rotation", "ropekit.config", "ropekit.methods.registry"])
+def test_the_reference_and_core_import_no_kernels(module):
+    deps = _graph()[module]
+    assert not any(d.startswith("ropekit.kernels") for d in deps), deps
