@@ -16,24 +16,28 @@ Table 2: error of float32 q rotated by ropekit (reference path) and by transform
 
 from __future__ import annotations
 
-import sys
+import json
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import ropekit  # noqa: E402
-from hf_reference import (  # noqa: E402
+import ropekit
+from ropekit.hf.reference import (
     deinterleave,
     exact_llama3,
     exact_rotate,
     hf_config,
     hf_inv_freq_and_scale,
     hf_rotate,
-    load_models,
 )
+
+# The published configs the parity tests use (data, read as such; no test code is imported).
+CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "data" / "hf_configs.json"
+
+
+def load_models() -> dict[str, dict]:
+    return json.loads(CONFIGS.read_text())["models"]
 
 ERROR_POSITIONS = (4_096, 65_536, 1_048_576, 4_194_304)
 
@@ -48,7 +52,9 @@ def parity_rows():
         seq = cfg.original_max_position if cfg.length_dependent else None
         ours = ropekit.frequencies(cfg, seq)
         if hc.model_type == "gptj":
-            from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
+            from transformers.models.gptj.modeling_gptj import (
+                create_sinusoidal_positions,
+            )
 
             table = create_sinusoidal_positions(2, cfg.rotary_dim)
             hf_inv, hf_scale = torch.asin(table[1, : cfg.rotary_dim // 2].double()), 1.0

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ropekit.cli import build_app
-from test_data import byte_tokenizer
+from tiny import byte_tokenizer
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def assert_one_line_error(result, *fragments):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny Llama (trained length 64) saved with a byte tokenizer, loadable by `ropekit`."""
-    from conftest import make_tiny_model
+    from tiny import make_tiny_model
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_model("llama").save_pretrained(folder)

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import ropekit.models
+import ropekit.hf
 from ropekit.cli import build_app, main
 from ropekit.output import MANIFEST
 
@@ -29,8 +29,8 @@ def one_error_line(result, option: str) -> str:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny Llama (trained length 64) saved with a byte tokenizer."""
-    from conftest import make_tiny_model
-    from test_data import byte_tokenizer
+    from tiny import make_tiny_model
+    from tiny import byte_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_model("llama").save_pretrained(folder)
@@ -59,7 +59,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(ropekit.models, "load_model", refuse)
+    monkeypatch.setattr(ropekit.hf, "load_model", refuse)
 
 
 # ---------------------------------------------------------------------- a user's folder is refused, before any work
@@ -240,7 +240,7 @@ def test_bad_input_is_one_line_before_any_load(args, option, tiny_folder, text_f
 def test_config_without_weights_is_one_line(tmp_path, no_loading, text_file):
     folder = tmp_path / "no-weights"
     folder.mkdir()
-    from conftest import make_tiny_config
+    from tiny import make_tiny_config
 
     make_tiny_config("llama").save_pretrained(folder)
     for args in (["eval", "ppl", folder, "--method", "yarn", "--factor", "2", "--data", text_file],

@@ -18,7 +18,7 @@ from ropekit.evaluation.compare import (
     run_compare,
 )
 from ropekit.methods.base_change import suggested_base
-from test_data import byte_tokenizer
+from tiny import byte_tokenizer
 
 SMOLLM2_ROPE = RopeConfig(head_dim=64, base=1e5, original_max_position=8192, max_position=8192)
 
@@ -104,7 +104,7 @@ def test_recommendation_follows_the_numbers():
 
 
 def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):
-    from ropekit.models import LoadedModel
+    from ropekit.hf import LoadedModel
 
     model = tiny_model("llama", max_position_embeddings=256)
     loaded = LoadedModel(model=model, tokenizer=byte_tokenizer(), rope=RopeConfig.from_hf(model.config),
@@ -143,7 +143,7 @@ def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):
 
 
 def test_compare_failure_leaves_no_half_written_report(tiny_model, tmp_path):
-    from ropekit.models import LoadedModel
+    from ropekit.hf import LoadedModel
 
     model = tiny_model("llama", max_position_embeddings=256)
     loaded = LoadedModel(model=model, tokenizer=byte_tokenizer(), rope=RopeConfig.from_hf(model.config),

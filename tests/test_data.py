@@ -12,18 +12,7 @@ from ropekit.evaluation.data import (
     stdlib_documents,
     token_windows,
 )
-
-
-def byte_tokenizer():
-    """A real transformers fast tokenizer with one token per byte (vocabulary 256: fits the tiny test models)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[2], pad_token=alphabet[0])
+from tiny import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def _rows():
 
 def _train_once(strategy: str, batch_size: int, grad_accum: int):
     """Two optimizer steps; returns (losses, gradients of step 1 by parameter name, final weights)."""
-    from ropekit.models import apply_rope
+    from ropekit.hf import apply_rope
     from ropekit.training.finetune import FinetuneSettings, train
 
     model = _tiny_llama_f64()

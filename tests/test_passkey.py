@@ -20,7 +20,7 @@ from ropekit.evaluation.passkey import (
     passkey_prompt,
 )
 from ropekit.evaluation.perplexity import MethodRun
-from test_data import byte_tokenizer
+from tiny import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def test_evaluate_perplexity_applies_each_rope(tiny_model):
     assert math.isclose(results[1].ppl, plain, rel_tol=1e-4)
     # a different rotation gives different numbers, and the model is left unpatched afterwards
     assert not math.isclose(results[3].ppl, results[1].ppl, rel_tol=1e-4)
-    from ropekit.models import active_patch
+    from ropekit.hf import active_patch
     assert active_patch(model) is None
     record = results[3].to_dict()
     assert {"method", "factor", "length", "ppl", "bucket_size", "bucket_ppl"} <= set(record)

@@ -16,7 +16,7 @@ from ropekit.training.data import (
     ByteTokenizer,
     block_causal_mask,
     document_ids,
-    load_documents,
+    document_texts,
     pack_documents,
     packed_forward_kwargs,
     tokenize_documents,
@@ -39,7 +39,7 @@ def tiny_llama(seed: int = 0, attn: str = "sdpa", dtype=torch.float32):
 
 
 def patched(model, method="yarn", factor=4.0):
-    from ropekit.models import apply_rope
+    from ropekit.hf import apply_rope
 
     cfg = RopeConfig.from_hf(model.config)
     if method != "default":
@@ -87,20 +87,20 @@ def test_load_documents_formats_and_errors(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "second"}) + "\n\n" + json.dumps({"text": "third"}))
     (tmp_path / "skip.bin").write_text("not read")
-    assert load_documents(tmp_path) == ["first", "second", "third"]
+    assert document_texts(tmp_path) == ["first", "second", "third"]
     with pytest.raises(FileNotFoundError, match="data: no such file or folder"):
-        load_documents(tmp_path / "missing")
+        document_texts(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="data: folder .* has no text files"):
-        load_documents(empty)
+        document_texts(empty)
     (empty / "blank.txt").write_text("  \n")
     with pytest.raises(ValueError, match="data: no non-empty documents"):
-        load_documents(empty)
+        document_texts(empty)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl line 1 has no string field 'text'"):
-        load_documents(bad)
+        document_texts(bad)
 
 
 def test_block_causal_mask_blocks_other_documents():

@@ -149,14 +149,6 @@ class RopeReport:
         return "\n".join(lines)
 
 
-def trained_length_of(cfg: RopeConfig) -> int:
-    """``cfg.trained_length`` (``original_max_position``, else ``max_position`` of an unscaled model), required."""
-    length = cfg.trained_length
-    if not length:
-        raise ValueError("original_max_position: the config does not say the trained length; pass it")
-    return int(length)
-
-
 def _suggest_new_base(cfg: RopeConfig, target_length: int, factor: float) -> float:
     """arXiv 2405.14591's bound for the target length; if the model's base is already above it, the NTK base."""
     new_base = suggested_base(target_length)
@@ -171,7 +163,7 @@ SUGGESTED_PARAMS = {"new_base": _suggest_new_base}
 
 def method_configs(cfg: RopeConfig, target_length: int) -> tuple[dict[str, RopeConfig], dict[str, str]]:
     """Each applicable method at factor target / trained length: ({name: RopeConfig}, {skipped name: why})."""
-    trained = trained_length_of(cfg)
+    trained = cfg.require_trained_length()
     factor = target_length / trained
     out: dict[str, RopeConfig] = {"default": cfg.extend("default", original_max_position=trained,
                                                         target_length=trained)}
@@ -206,7 +198,7 @@ def method_view(name: str, cfg: RopeConfig, original: torch.Tensor, target_lengt
     freqs = frequencies(cfg, target_length if cfg.length_dependent else None)
     wl = freqs.wavelengths
     ratio = wl / original
-    factor = cfg.factor or (target_length / trained_length_of(cfg))
+    factor = cfg.factor or (target_length / cfg.require_trained_length())
     kept = int((torch.abs(ratio - 1) < 1e-9).sum())
     slowed = int((torch.abs(ratio / factor - 1) < 1e-3).sum()) if factor > 1.0 else 0
     return MethodView(name=name, config=cfg, wavelengths=wl, attention_scale=float(freqs.attention_scale),
@@ -243,7 +235,7 @@ def inspect_rope(cfg: RopeConfig, target_length: int | None = None, *, name: str
     """
     if not isinstance(cfg, RopeConfig):
         raise ValueError(f"cfg: expected a RopeConfig, got {type(cfg).__name__}")
-    trained = trained_length_of(cfg)
+    trained = cfg.require_trained_length()
     if target_length is None:
         # An already-extended model (e.g. Llama 3.1, factor 8) is shown at its own target length.
         target_length = cfg.target_length if cfg.is_scaled and cfg.target_length else 2 * trained

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ropekit.methods import (
-    METHOD_ALIASES,
+    METHOD_ALIASES,  # noqa: F401  (re-exported: ropekit.config.METHOD_ALIASES)
     canonical_name,
     get_method,
     hf_rope_keys,
@@ -205,6 +205,13 @@ class RopeConfig:
         if self.original_max_position is not None:
             return self.original_max_position
         return None if self.is_scaled else self.max_position
+
+    def require_trained_length(self) -> int:
+        """``trained_length``, or a ValueError naming ``original_max_position`` when the config does not say it."""
+        if not self.trained_length:
+            raise ValueError("original_max_position: the config does not say the length the model was trained at; "
+                             "pass it (--original-length)")
+        return int(self.trained_length)
 
     @property
     def target_length(self) -> int | None:

@@ -210,7 +210,7 @@ def check_data_or_exit(data: str | Path | None, option: str = "--data") -> None:
 
 def check_device_or_exit(device: str | None, dtype: str | None = None) -> None:
     """Refuse an unknown ``--device`` / ``--dtype``, or a GPU that is not there, before any model loads."""
-    from ropekit.models import DTYPES, resolve_device
+    from ropekit.hf import DTYPES, resolve_device
 
     try:
         if device is not None:
@@ -240,7 +240,7 @@ def model_rope_or_exit(source: str | None):
 
 
 def _check_model_files(source: str | None) -> None:
-    from ropekit.models import check_model_source
+    from ropekit.hf import check_model_source
 
     check_model_source(source or "demo")
 
@@ -260,7 +260,7 @@ def rope_from_source(source: str | None) -> tuple[RopeConfig, str]:
     .gguf), a ``.gguf`` file, or a hub id.
     """
     from ropekit.config import read_gguf_metadata
-    from ropekit.models import NO_ROPE_FAMILIES, SUPPORTED_FAMILIES, demo_model_path, read_model_config, \
+    from ropekit.hf import NO_ROPE_FAMILIES, SUPPORTED_FAMILIES, demo_model_path, read_model_config, \
         unsupported_family_message
 
     if source in (None, "demo"):
@@ -308,17 +308,9 @@ def rope_from_source(source: str | None) -> tuple[RopeConfig, str]:
     return RopeConfig.from_hf(config), f"{name} ({model_type})" if model_type else name
 
 
-def build_rope_config(base_cfg: RopeConfig, method: str, factor: float | None = None, *,
-                      factors_file: str | Path | None = None, **options: Any) -> RopeConfig:
-    """Deprecated spelling of ``base_cfg.extend(method, factor, ...)`` with CLI option names (kept for callers
-    written before ``RopeConfig.extend``); errors name the CLI flag."""
-    given = dict(options, factor=factor, factors_file=factors_file)
-    return extend_rope(base_cfg, method, {k: v for k, v in given.items() if v is not None})
-
-
 def load_model_or_exit(source: str | None, *, device: str = "auto", dtype: str | None = None):
-    """``ropekit.models.load_model`` with its errors turned into one-line CLI errors (exit 2)."""
-    from ropekit.models import load_model
+    """``ropekit.hf.load_model`` with its errors turned into one-line CLI errors (exit 2)."""
+    from ropekit.hf import load_model
 
     try:
         return load_model(source or "demo", device=device, dtype=dtype)

@@ -23,7 +23,7 @@ from ropekit.methods import method_names
 
 def _checkpoint_dtype(source: str | None) -> str:
     """The dtype the checkpoint was saved in (config ``dtype``/``torch_dtype``), else float32 (GGUF: dequantized)."""
-    from ropekit.models import DTYPES, read_model_config
+    from ropekit.hf import DTYPES, read_model_config
 
     if source in (None, "demo") or str(source).endswith(".gguf"):
         return "float32"
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own; GGUF: float32)")] = None,
         method_options: dict = None,
     ) -> None:
-        from ropekit.models import DTYPES, export_model, load_model
+        from ropekit.hf import DTYPES, export_model, load_model
 
         if dtype is not None and dtype not in DTYPES:
             error_exit(f"--dtype: {dtype!r} not accepted; accepted: {', '.join(DTYPES)}")

@@ -1,7 +1,7 @@
 """``ropekit compare``: every applicable extension method on one model, measured, ranked, explained.
 
 For a target length N and the model's trained length L (factor s = N / L), each method is applied with
-``ropekit.models.apply_rope`` and measured on the same real-text windows of N tokens (per-bucket perplexity)
+``ropekit.hf.apply_rope`` and measured on the same real-text windows of N tokens (per-bucket perplexity)
 and the same passkey prompts. Work is shared where the maths makes it exact:
 
 * the perplexity of the first L tokens (the short-context check) is read off the N-token window for
@@ -137,14 +137,6 @@ class CompareReport:
 
 
 # ---------------------------------------------------------------------- planning
-def trained_length_of(rope: RopeConfig) -> int:
-    """``rope.trained_length``, which the comparison needs to compute the factor."""
-    if rope.trained_length is None:
-        raise ValueError("trained length: the model's config does not say it (original_max_position); "
-                         "it is needed to compute the factor")
-    return rope.trained_length
-
-
 def plan_methods(base: RopeConfig, target_length: int, methods: Sequence[str] | None = None) -> list[MethodPlan]:
     """The comparison's rows for a model whose RoPE is ``base``, extended to ``target_length`` tokens.
 
@@ -152,7 +144,7 @@ def plan_methods(base: RopeConfig, target_length: int, methods: Sequence[str] | 
     factor N / L; ``base`` uses ``suggested_base(N)``; ``longrope`` needs per-pair factors, so it runs only
     when the model's config has them. Unknown names in ``methods`` raise ValueError.
     """
-    trained = trained_length_of(base)
+    trained = base.require_trained_length()
     if target_length <= trained:
         raise ValueError(f"target length: must be longer than the trained length {trained}, got {target_length}")
     comparable = method_names(comparable=True)
@@ -201,7 +193,7 @@ def rotation_key(rope: RopeConfig, seq_len: int) -> tuple:
 # ---------------------------------------------------------------------- the run
 def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Path | None = None, *,
                 overwrite: bool = False) -> CompareReport:
-    """Measure every applicable method on ``loaded`` (a ``ropekit.models.LoadedModel``); write the report
+    """Measure every applicable method on ``loaded`` (a ``ropekit.hf.LoadedModel``); write the report
     folder to ``out_dir`` when given (see ``write_compare_report``; checked before any work). Returns the
     ``CompareReport``."""
     from ropekit.output import check_output_dir
@@ -211,7 +203,7 @@ def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Pa
         check_output_dir(out_dir, overwrite=overwrite)
     start = time.perf_counter()
     base = loaded.rope
-    trained = trained_length_of(base)
+    trained = base.require_trained_length()
     target = options.target_length or 2 * trained
     plans = plan_methods(base, target, options.methods)
     runnable = [p for p in plans if p.rope is not None]

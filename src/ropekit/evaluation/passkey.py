@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import re
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -151,7 +150,7 @@ def evaluate_retrieval(model, tokenizer, build: PromptBuilder, runs: Sequence, l
 
     Every run sees the same prompts: they are drawn from ``random.Random(seed)`` per (length, depth, trial).
     """
-    from ropekit.evaluation.perplexity import _rope_context
+    from ropekit.evaluation.perplexity import rope_context
 
     if trials < 1:
         raise ValueError(f"trials: must be >= 1, got {trials}")
@@ -164,7 +163,7 @@ def evaluate_retrieval(model, tokenizer, build: PromptBuilder, runs: Sequence, l
         for run in runs:
             rope: RopeConfig | None = run.rope
             accuracy, records = [], []
-            with (_rope_context(model, rope) if rope is not None else nullcontext()):
+            with rope_context(model, rope):
                 for n in lengths:
                     row = []
                     for d in depths:

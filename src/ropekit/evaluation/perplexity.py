@@ -36,9 +36,12 @@ def model_body(model) -> torch.nn.Module:
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """float32 logits (..., vocab) from hidden states, with the head's final transforms as transformers applies
-    them: Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma's ``final_logit_softcapping``."""
-    logits = model.get_output_embeddings()(hidden).float()
+    """Logits (..., vocab) from final hidden states, with the head's final transforms as transformers applies
+    them: Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma's ``final_logit_softcapping``. Half
+    precision is upcast to float32 (the loss is taken in float32 or better); float64 stays float64."""
+    logits = model.get_output_embeddings()(hidden)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     cfg = model.config
     if getattr(cfg, "logit_scale", None) is not None:
         logits = logits * cfg.logit_scale
@@ -158,10 +161,11 @@ class MethodRun:
     rope: RopeConfig
 
 
-def _rope_context(model, rope: RopeConfig | None):
+def rope_context(model, rope: RopeConfig | None):
+    """``apply_rope(model, rope)`` as a context manager; ``rope=None``: the model as it is."""
     if rope is None:
         return nullcontext()
-    from ropekit.models import apply_rope
+    from ropekit.hf import apply_rope
 
     return apply_rope(model, rope)
 
@@ -170,7 +174,7 @@ def window_nll(model, windows: Sequence, rope: RopeConfig | None, *, chunk_size:
                desc: str | None = None) -> torch.Tensor:
     """(len(windows), length - 1) NLL of each token window under ``rope`` (None: the model as it is)."""
     rows = []
-    with _rope_context(model, rope):
+    with rope_context(model, rope):
         for w in windows:
             ids = w.input_ids if hasattr(w, "input_ids") else w
             rows.append(token_nll(model, ids[None], chunk_size=chunk_size, progress=desc)[0])
@@ -190,7 +194,7 @@ def evaluate_perplexity(model, runs: Iterable[MethodRun], lengths: Sequence[int]
 
     Args:
         model: a transformers causal LM.
-        runs: ``MethodRun``s; each is applied with ``ropekit.models.apply_rope`` for its windows.
+        runs: ``MethodRun``s; each is applied with ``ropekit.hf.apply_rope`` for its windows.
         lengths: window lengths in tokens.
         windows_by_length: ``{length: [TokenWindow, ...]}`` (see ``data.token_windows``).
     Returns:
@@ -213,7 +217,7 @@ def evaluate_perplexity(model, runs: Iterable[MethodRun], lengths: Sequence[int]
             shared = not run.rope.length_dependent and all(_is_prefix(windows_by_length[n], windows_by_length[longest])
                                                              for n in lengths)
             nll_by_length: dict[int, torch.Tensor] = {}
-            with _rope_context(model, run.rope):
+            with rope_context(model, run.rope):
                 for length in (lengths[::-1] if shared else lengths):
                     windows = windows_by_length[length]
                     bar.set_postfix_str(f"{run.label} @ {length}")

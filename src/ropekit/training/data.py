@@ -26,7 +26,7 @@ Tensor = torch.Tensor
 IGNORE_INDEX = -100
 
 # ---------------------------------------------------------------------- reading
-def load_documents(path: str | Path | None) -> list[str]:
+def document_texts(path: str | Path | None) -> list[str]:
     """The texts of ``ropekit.evaluation.load_documents(path)``, empty ones dropped: the same formats (a text
     file, a folder of text files, a .jsonl file with a "text" field per line, "stdlib") and the same errors,
     so that training and evaluation read a data path alike.

@@ -36,7 +36,7 @@ import torch
 from ropekit.training.data import (
     IGNORE_INDEX,
     PackedRows,
-    load_documents,
+    document_texts,
     pack_documents,
     packed_forward_kwargs,
     tokenize_documents,
@@ -316,21 +316,11 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from final hidden states as the causal LM's forward makes them: the output head, then Cohere's
-    ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's ``final_logit_softcapping`` (as
-    ``ropekit.evaluation.perplexity.output_logits``). Half precision is upcast to float32; float64 stays."""
-    logits = model.get_output_embeddings()(hidden)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    cfg = model.config
-    if getattr(cfg, "logit_scale", None) is not None:
-        logits = logits * cfg.logit_scale
-    if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
-        logits = logits / cfg.logits_scaling
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    """Logits from final hidden states as the causal LM's forward makes them (the evaluation's
+    ``output_logits``: the same head transforms, half precision upcast, float64 kept)."""
+    from ropekit.evaluation.perplexity import output_logits
+
+    return output_logits(model, hidden)
 
 
 def _chunk_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -621,20 +611,13 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------- the whole job
 def trained_length(loaded: Any) -> int:
-    """The length the loaded model was trained at (its RoPE's original_max_position, else the config's)."""
-    rope = getattr(loaded, "rope", None)
-    value = getattr(rope, "original_max_position", None)
-    if value is None:
-        value = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
-    if value is None:
-        raise ValueError("model: cannot tell its trained context length (no original_max_position / "
-                         "max_position_embeddings)")
-    return int(value)
+    """The length the loaded model was trained at: ``loaded.rope.require_trained_length()``."""
+    return loaded.rope.require_trained_length()
 
 
 def prepare_rows(data: str | Path, tokenizer: Any, seq_len: int) -> PackedRows:
     """Read, tokenize and pack ``data`` (file or folder) at ``seq_len``."""
-    docs = load_documents(data)
+    docs = document_texts(data)
     tokens = tokenize_documents(docs, tokenizer)
     return pack_documents(tokens, seq_len)
 
@@ -676,11 +659,11 @@ def finetune(
 def _finetune_in_group(ctx: DistContext, source: str, *, rope, data, out_dir, settings: FinetuneSettings,
                        resume: bool, evaluate: bool, eval_data, eval_windows: int, export: bool,
                        progress: bool) -> dict[str, Any]:
-    from ropekit.models import apply_rope, export_model, load_model
+    from ropekit.hf import apply_rope, export_model, load_model
 
     out_dir = Path(out_dir)
     torch.manual_seed(settings.seed)
-    docs = load_documents(data)  # bad data fails before the model loads
+    docs = document_texts(data)  # bad data fails before the model loads
     loaded = load_model(source, device=str(ctx.device), dtype=torch.float32)
     trained = trained_length(loaded)
     if settings.seq_len < trained:

@@ -32,7 +32,7 @@ import torch
 
 from ropekit.config import RopeConfig
 from ropekit.training.data import ByteTokenizer, PackedRows, pack_documents, tokenize_documents
-from ropekit.training.finetune import FinetuneSettings, plot_training_curves, train
+from ropekit.training.finetune import FinetuneSettings, train
 
 STUDY_METHODS = ("default", "linear", "ntk", "dynamic", "yarn")
 METHOD_LABELS = {"default": "no scaling", "linear": "linear (PI)", "ntk": "NTK", "dynamic": "dynamic NTK",
@@ -212,7 +212,7 @@ def method_config(base: RopeConfig, method: str, factor: float) -> RopeConfig:
 def passkey_accuracy(model, cfg: RopeConfig, length: int, samples: int, seed: int) -> float:
     """Share of prompts whose KEY_DIGITS answer bytes are all the model's argmax given the prompt before each
     (teacher forcing: equal to greedy decoding of the key). Depths spread evenly over 0.05..0.95."""
-    from ropekit.models import apply_rope
+    from ropekit.hf import apply_rope
 
     rng = random.Random(seed * 7919 + length)
     tok = ByteTokenizer()
@@ -275,7 +275,7 @@ def run_study(out_dir: str | Path, sizes: StudySizes = StudySizes(), methods: tu
 
     The folder is checked before any work and written through ``ropekit.output.OutputDir`` (files ropekit did
     not write are refused unless ``overwrite``, and kept either way)."""
-    from ropekit.models import apply_rope
+    from ropekit.hf import apply_rope
     from ropekit.output import OutputDir, check_output_dir
 
     for m in methods:

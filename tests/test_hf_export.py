@@ -1,4 +1,5 @@
-"""Export: a folder plain transformers loads (in a process that never imports ropekit) with the same logits."""
+"""ropekit.hf.export: hf_config_for reads back to the same RoPE in transformers, and export_model writes a folder
+plain transformers loads (in a process that never imports ropekit) with the patched model's logits."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ import textwrap
 
 import pytest
 import torch
+from tiny import (
+    TINY_CONFIGS,
+    TINY_TRAINED_LENGTH,
+    make_tiny_config,
+    make_tiny_model,
+)
+from hf_models import hf_rope
 from typer.testing import CliRunner
 
-from conftest import TINY_TRAINED_LENGTH, make_tiny_config, make_tiny_model
 from ropekit import RopeConfig
-from ropekit.commands.common import build_rope_config
-from ropekit.models import apply_rope, export_model
+from ropekit import frequencies as rk_frequencies
+from ropekit.hf import apply_rope, export_model, hf_config_for
 
 ATOL = 2e-5
 
@@ -64,8 +71,8 @@ def test_exports_load_in_plain_transformers_with_the_patched_logits(tmp_path):
         else:
             model = make_tiny_model(family)
             cfg0 = RopeConfig.from_hf(model.config)
-            cfg = (build_rope_config(cfg0, "base", new_base=3e5) if method == "base" else
-                   build_rope_config(cfg0, method, 2.0 if method != "default" else None))
+            cfg = (cfg0.extend("base", new_base=3e5) if method == "base" else
+                   cfg0.extend(method, 2.0 if method != "default" else None))
         out = export_model(model, cfg, tmp_path / f"{family}-{method}")
         assert {"config.json", "model.safetensors", "ropekit.json"} <= {p.name for p in out.iterdir()}
         config = json.loads((out / "config.json").read_text())
@@ -86,7 +93,7 @@ def test_exports_load_in_plain_transformers_with_the_patched_logits(tmp_path):
 
 def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     model = make_tiny_model("llama")
-    cfg = build_rope_config(RopeConfig.from_hf(model.config), "yarn", 2.0)
+    cfg = RopeConfig.from_hf(model.config).extend("yarn", 2.0)
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
@@ -120,7 +127,7 @@ def test_export_gives_files_and_folders_ordinary_permissions(tmp_path, umask):
     """Every file 0o666 & ~umask and every folder 0o777 & ~umask, as open()/mkdir() would make them
     (transformers writes model.safetensors through a private 0600 temporary file)."""
     model = make_tiny_model("llama")
-    cfg = build_rope_config(RopeConfig.from_hf(model.config), "yarn", 2.0)
+    cfg = RopeConfig.from_hf(model.config).extend("yarn", 2.0)
     previous = os.umask(umask)
     try:
         out = export_model(model, cfg, tmp_path / "out" / "nested")
@@ -142,11 +149,55 @@ def test_export_refuses_methods_transformers_lacks_before_writing(tmp_path):
     model = make_tiny_model("llama")
     cfg0 = RopeConfig.from_hf(model.config)
     with pytest.raises(ValueError, match="dynamic_yarn"):
-        export_model(model, build_rope_config(cfg0, "dynamic_yarn", 2.0), tmp_path / "a")
+        export_model(model, cfg0.extend("dynamic_yarn", 2.0), tmp_path / "a")
     _, longrope = _longrope_cfg("llama")
     with pytest.raises(ValueError, match="n_hat"):
         export_model(model, longrope.replace(n_hat=16), tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- config for export
+ROPE_FAMILIES = [f for f in TINY_CONFIGS if f != "gptj"]  # families with transformers rope_parameters
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+@pytest.mark.parametrize("method", ["linear", "yarn", "dynamic", "llama3", "longrope", "ntk"])
+def test_hf_config_for_reads_back_to_the_same_rope(family, method):
+    from transformers import AutoConfig
+
+    model = make_tiny_model(family)
+    cfg0 = RopeConfig.from_hf(model.config)
+    if method == "longrope":
+        cfg = RopeConfig.from_hf(make_tiny_config(family, rope=hf_rope("longrope", cfg0.rotary_dim),
+                                                  max_position_embeddings=256))
+    else:
+        cfg = cfg0.extend(method, 4.0)
+    if family == "phi3" and method not in ("longrope", "ntk"):
+        with pytest.raises(ValueError, match="Phi-3 accepts only longrope"):
+            hf_config_for(model.config, cfg)
+        return
+    d = hf_config_for(model.config, cfg)
+    back = AutoConfig.for_model(**d)  # what transformers makes of the exported config.json
+    expected = cfg if method != "ntk" else cfg0.replace(base=d["rope_theta"])
+    got = RopeConfig.from_hf(back)
+    for name in ("method", "factor", "base", "head_dim", "rotary_dim", "short_factor", "long_factor"):
+        assert getattr(got, name) == getattr(expected, name), name
+    for seq_len in (40, 256):  # the same rotation within and beyond the trained length
+        f_got, f_want = rk_frequencies(got, seq_len), rk_frequencies(expected, seq_len)
+        assert torch.equal(f_got.inv_freq64, f_want.inv_freq64)
+        assert f_got.attention_scale == f_want.attention_scale
+
+
+def test_hf_config_for_refuses_what_transformers_cannot_load():
+    model = make_tiny_model("llama")
+    cfg0 = RopeConfig.from_hf(model.config)
+    with pytest.raises(ValueError, match="dynamic_yarn"):
+        hf_config_for(model.config, cfg0.extend("dynamic_yarn", 2.0))
+    gptj = make_tiny_model("gptj")
+    with pytest.raises(ValueError, match="GPT-J"):
+        hf_config_for(gptj.config, RopeConfig.from_hf(gptj.config).extend("yarn", 2.0))
+    with pytest.raises(ValueError, match="head_dim"):
+        hf_config_for(model.config, cfg0.replace(head_dim=32, rotary_dim=32))
 
 
 # ---------------------------------------------------------------------- CLI
@@ -163,7 +214,6 @@ def _cli():
 
 def _tiny_folder(tmp_path, family="llama"):
     from tokenizers import Tokenizer, models
-
     from transformers import PreTrainedTokenizerFast
 
     model = make_tiny_model(family)
@@ -190,17 +240,17 @@ def test_cli_export_writes_a_loadable_folder(tmp_path):
     assert (out / "tokenizer.json").is_file()
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 256, (1, 100))
-    cfg = build_rope_config(RopeConfig.from_hf(model.config), "yarn", 2.0, beta_fast=16)
+    cfg = RopeConfig.from_hf(model.config).extend("yarn", 2.0, beta_fast=16)
     with apply_rope(model, cfg), torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "base"], "--new-base: required by --method base"),
-    (["--method", "yarn"], "--factor: required by --method yarn"),
+    (["--method", "base"], "--new-base: required by"),
+    (["--method", "yarn"], "--factor: required by"),
     (["--method", "longrope", "--factor", "2"], "--factors-file"),
     (["--method", "dynamic_yarn", "--factor", "2"], "cannot be exported"),
-    (["--method", "llama3", "--factor", "2", "--beta-fast", "4"], "--beta-fast: not used by --method llama3"),
+    (["--method", "llama3", "--factor", "2", "--beta-fast", "4"], "--beta-fast: not used by"),
     (["--method", "warp", "--factor", "2"], "--method: unknown scaling method 'warp'"),
     (["--method", "yarn", "--factor", "2", "--dtype", "int8"], "--dtype"),
 ])
@@ -227,7 +277,7 @@ def test_cli_export_missing_model_and_non_empty_out(tmp_path):
 # ---------------------------------------------------------------------- the real model (slow)
 @pytest.mark.slow
 def test_smollm2_gguf_export_loads_in_plain_transformers(smollm2, stdlib_text, tmp_path):
-    cfg = build_rope_config(smollm2.rope, "yarn", 2.0)
+    cfg = smollm2.rope.extend("yarn", 2.0)
     # transformers 5.24 marks a GGUF-loaded model as quantized (export lifts the marks while saving); 5.0
     # does not. Either way the model must come back as it was.
     marks = (smollm2.model.__dict__.get("hf_quantizer"), getattr(smollm2.model.config, "quantization_config", None))

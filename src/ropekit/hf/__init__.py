@@ -1,0 +1,85 @@
+"""ropekit inside transformers models: families, loading, the RoPE patch, export.
+
+* ``families``: which model types ropekit patches (``SUPPORTED_FAMILIES``), their sin/cos layouts, where their
+  rotary and attention modules are (``locate``), ``TransformersStructureError``.
+* ``load``: ``load_model`` (hub id, folder, ``.gguf``, ``"demo"``) -> ``LoadedModel``; ``check_model_source``
+  (file-system checks that run first); device and dtype choice.
+* ``patch``: ``apply_rope(model, cfg, backend=...)`` -> ``RopePatch``; no process-wide state decides which
+  model rotates how (see the module docstring).
+* ``export``: ``hf_config_for`` and ``export_model`` (a checkpoint plain transformers loads).
+* ``reference`` (not imported here): transformers' own RoPE driven from a config dict, and an mpmath-exact
+  RoPE, for parity checks (the tests, ``scripts/parity_report.py``).
+"""
+
+from ropekit.hf.export import export_model, hf_config_for
+from ropekit.hf.families import (
+    FAMILIES,
+    NO_ROPE_FAMILIES,
+    SUPPORTED_FAMILIES,
+    TRANSFORMERS_TESTED,
+    Family,
+    TransformersStructureError,
+    check_family,
+    check_rope_matches,
+    iter_supported_families,
+    model_rope_config,
+    transformers_version,
+    unsupported_family_message,
+)
+from ropekit.hf.load import (
+    DEMO_MODEL,
+    DEMO_PACKAGE,
+    DEVICES,
+    DTYPES,
+    LoadedModel,
+    ModelLoadError,
+    check_model_source,
+    demo_model_path,
+    load_model,
+    read_model_config,
+    resolve_device,
+    resolve_dtype,
+)
+from ropekit.hf.patch import (
+    BACKENDS,
+    RopekitRotaryAdapter,
+    RopePatch,
+    RotaryCall,
+    active_patch,
+    apply_rope,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DEMO_MODEL",
+    "DEMO_PACKAGE",
+    "DEVICES",
+    "DTYPES",
+    "FAMILIES",
+    "NO_ROPE_FAMILIES",
+    "SUPPORTED_FAMILIES",
+    "TRANSFORMERS_TESTED",
+    "Family",
+    "LoadedModel",
+    "ModelLoadError",
+    "RopePatch",
+    "RopekitRotaryAdapter",
+    "RotaryCall",
+    "TransformersStructureError",
+    "active_patch",
+    "apply_rope",
+    "check_family",
+    "check_model_source",
+    "check_rope_matches",
+    "demo_model_path",
+    "export_model",
+    "hf_config_for",
+    "iter_supported_families",
+    "load_model",
+    "model_rope_config",
+    "read_model_config",
+    "resolve_device",
+    "resolve_dtype",
+    "transformers_version",
+    "unsupported_family_message",
+]

