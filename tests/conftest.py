@@ -14,6 +14,17 @@ import torch
 from tiny import TINY_CONFIGS, TINY_TRAINED_LENGTH, TINY_VOCAB, make_tiny_config, make_tiny_model  # noqa: F401,E402
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama (trained length 64) saved with a byte tokenizer: a model folder the CLI loads."""
+    from tiny import byte_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_model():
     """Factory fixture: ``tiny_model(family, rope=None, seed=0, **config)`` -> model."""

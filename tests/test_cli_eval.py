@@ -30,17 +30,6 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama (trained length 64) saved with a byte tokenizer, loadable by `ropekit`."""
-    from tiny import make_tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama").save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "doc.txt"
     path.write_text("".join(f"Line {i}: a stitch in time saves nine.\n" for i in range(30)), encoding="utf-8")

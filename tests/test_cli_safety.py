@@ -27,18 +27,6 @@ def one_error_line(result, option: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama (trained length 64) saved with a byte tokenizer."""
-    from tiny import make_tiny_model
-    from tiny import byte_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama").save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "doc.txt"
     path.write_text("".join(f"Line {i}: a stitch in time saves nine.\n" for i in range(60)), encoding="utf-8")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sysconfig
 from pathlib import Path
 
@@ -113,12 +112,6 @@ def test_shutdown_ends_only_a_group_its_context_created(tmp_path):
 
 
 # ---------------------------------------------------------------------- 2 processes on gloo
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tiny_llama_f64():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -180,10 +173,11 @@ def _context_parallel_check(rank: int, world: int) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, strategy: str, result_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank: int, world: int, store: str, strategy: str, result_path: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store, not a TCP port: a port picked free can be taken by another process before gloo binds it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     ctx = DistContext(rank=rank, world_size=world, owns_group=True)
     try:
         losses, grads, weights = _train_once(strategy, batch_size=1, grad_accum=2)
@@ -200,7 +194,7 @@ def _worker(rank: int, world: int, port: int, strategy: str, result_path: str) -
 
 def _spawn(strategy: str, tmp_path: Path) -> tuple[dict, dict]:
     path = str(tmp_path / f"{strategy}.pt")
-    mp.spawn(_worker, args=(2, _free_port(), strategy, path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / f"{strategy}.store"), strategy, path), nprocs=2, join=True)
     return torch.load(path, weights_only=False), torch.load(path + ".rank1", weights_only=False)
 
 
