@@ -3,19 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typing_extensions import Annotated
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file in the same folder and a rename."""
-    from ropekit.output import write_file_atomic
-
-    write_file_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def bench_command(
@@ -37,6 +29,7 @@ def bench_command(
     from ropekit.kernels import bench
 
     from ropekit.commands.common import check_file_or_exit, check_positive, error_exit
+    from ropekit.evaluation.report import write_json
 
     if device not in ("auto", "cpu", "cuda"):
         error_exit(f"--device: {device!r} not accepted; accepted: auto, cpu, cuda")
@@ -61,7 +54,7 @@ def bench_command(
         error_exit(str(err))
     typer.echo(bench.format_table(result))
     if json_path is not None:
-        write_json_atomic(json_path, result)
+        write_json(json_path, result)
         typer.echo(f"wrote {json_path}")
 
 

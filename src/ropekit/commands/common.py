@@ -151,9 +151,6 @@ def check_options_used(methods: list[str], method_options: dict[str, Any]) -> No
                              f"{', '.join(users)}")
 
 
-MethodOpt = Annotated[str, typer.Option("--method", "-m", help=f"scaling method: {', '.join(method_names())}")]
-
-
 # ---------------------------------------------------------------------- shared typer options
 MODEL_HELP = ("a model folder (config.json + safetensors), a .gguf file, a hub id, or 'demo' "
               "(the bundled SmolLM2-135M, the default)")
