@@ -136,14 +136,14 @@ def test_smollm2_ppl_baseline_and_yarn_at_2048(smollm2):
 def test_smollm2_compare_cli_with_short_lengths(tmp_path):
     out = tmp_path / "report"
     result = invoke("compare", "--original-length", "512", "--target-length", "1024", "--bucket-size", "256",
-                    "--methods", "default,linear,yarn,dynamic", "--passkey-trials", "1", "--out", out)
+                    "--methods", "default,linear,yarn,dynamic", "--needles", "8", "--out", out)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert data["trained_length"] == 512 and data["target_length"] == 1024
     ranking = {o["label"]: o for o in data["ranking"]}
     assert set(ranking) == {"default", "linear", "yarn", "dynamic"}
-    assert all(math.isfinite(o["ppl_target"]) and o["passkey_accuracy"] is not None for o in ranking.values())
-    assert (out / "perplexity.png").is_file() and (out / "passkey.png").is_file()
+    assert all(math.isfinite(o["ppl_target"]) and o["retrieval_queries"] == 8 for o in ranking.values())
+    assert (out / "perplexity.png").is_file() and (out / "retrieval.png").is_file()
     assert "## Which method to use and why" in (out / "summary.md").read_text()
 
 

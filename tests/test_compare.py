@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from ropekit.config import RopeConfig
 from ropekit.evaluation.compare import (
@@ -62,45 +63,87 @@ def test_dynamic_yarn_at_the_target_is_yarn():
     assert rotation_key(plans["dynamic"], 16384) != rotation_key(plans["ntk"], 16384)
 
 
-def outcome(label, trained, target, late, passkey=None, method=None, factor=2.0):
-    return MethodOutcome(label, method or label, None if label == "default" else factor, {}, trained, target, late,
-                         passkey)
+TRAINED, TARGET = 8192, 16384
 
 
-def test_recommendation_follows_the_numbers():
-    outcomes = [outcome("default", 7.7, 23.3, 500.0, 0.0), outcome("yarn", 7.8, 6.4, 6.1, 1.0),
-                outcome("dynamic", 7.7, 6.7, 6.5, 1.0), outcome("linear", 12.0, 21.0, 20.0, 0.0)]
-    rank_outcomes(outcomes)
-    assert [o.label for o in outcomes] == ["yarn", "dynamic", "linear", "default"]
-    text = recommend(outcomes, 8192, 16384, "default")
-    assert text.startswith("Use yarn (factor 2)") and "6.40 against 23.30" in text
-    assert "does not break down" in text and "blow up to 500.00" in text
-    assert "Runner-up: dynamic at 6.70" in text and "linear (+55.8%)" in text
-    assert "Passkey retrieval at 16384 tokens: 100% (unscaled: 0%)" in text
-    # other numbers, other advice
-    outcomes = [outcome("default", 7.7, 23.3, 500.0, 0.0), outcome("dynamic", 7.7, 6.2, 6.0, 1.0, "dynamic"),
-                outcome("yarn", 7.8, 6.4, 12.0, 1.0)]
-    rank_outcomes(outcomes)
-    text = recommend(outcomes, 8192, 16384, "default")
-    assert text.startswith("Use dynamic") and "depends on the sequence length" in text
-    outcomes = [outcome("default", 7.7, 7.0, 6.9), outcome("yarn", 7.9, 7.5, 9.8)]
-    rank_outcomes(outcomes)
-    assert recommend(outcomes, 8192, 16384, "default").startswith("Keep the model's own RoPE (default)")
-    outcomes = [outcome("default", 7.7, 50.0, 90.0), outcome("linear", 9.0, 20.0, 30.0)]
-    rank_outcomes(outcomes)
-    text = recommend(outcomes, 8192, 16384, "default")
-    assert "still degrades" in text and "costs short-context quality: +16.9%" in text
-    outcomes = [outcome("default", 7.7, 7.00, 7.0), outcome("yarn", 7.7, 6.98, 7.0), outcome("ntk", 7.7, 6.99, 7.0)]
-    rank_outcomes(outcomes)
-    assert recommend(outcomes, 8192, 16384, "default").startswith("No method clearly beats the unscaled model")
-    # a perplexity tie is decided by the passkey
-    outcomes = [outcome("default", 6.67, 6.41, 5.48, 0.0), outcome("yarn", 6.70, 6.43, 5.45, 1.0),
-                outcome("ntk", 6.71, 6.44, 5.47, 0.0), outcome("llama3", 6.71, 6.43, 5.42, 1.0)]
-    rank_outcomes(outcomes)
-    assert [o.label for o in outcomes] == ["yarn", "llama3", "default", "ntk"]
-    text = recommend(outcomes, 8192, 10240, "default")
-    assert text.startswith("Use yarn (factor 2) at 10240 tokens: its perplexity ties") and "100% of the time against 0%" in text
-    assert "Equally good on these measurements: llama3." in text
+def synthetic(label, nll, hits, method=None, factor=2.0, exportable=True, queries=32):
+    """A MethodOutcome measured on synthetic per-token NLL (1, TARGET - 1) and ``hits`` of ``queries`` needles."""
+    from ropekit.evaluation.compare import _bucket_ppl, _masked_ppl
+    from ropekit.evaluation.stats import perplexity_interval
+
+    mask = torch.ones_like(nll, dtype=torch.bool)
+    position = torch.arange(1, nll.shape[1] + 1)[None]
+    ppl, lo, hi = perplexity_interval(nll, mask)
+    buckets, ends = _bucket_ppl(nll, mask, 1024)
+    qs = [{"window": 0, "label": f"n{i}", "expected": "1", "answer": "1" if i < hits else "2", "correct": i < hits,
+           "depth": i / (queries - 1), "distance": int(TARGET * (1 - i / queries))} for i in range(queries)]
+    rope = SMOLLM2_ROPE if label == "default" else SMOLLM2_ROPE.extend(method or label, factor)
+    return MethodOutcome(label, method or label, None if label == "default" else factor, rope.to_dict(), exportable,
+                         _masked_ppl(nll, position < TRAINED), ppl, (lo, hi), _masked_ppl(nll, position >= TRAINED),
+                         buckets, ends, qs, TRAINED, config=rope)
+
+
+def text_nll(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    stretches = 0.3 * torch.randn(1, 16, generator=gen).repeat_interleave(1024, dim=1)[:, : TARGET - 1]
+    return 2.0 + stretches + 0.5 * torch.randn(1, TARGET - 1, generator=gen)
+
+
+def ranked(*outcomes_and_nll):
+    outcomes = [o for o, _ in outcomes_and_nll]
+    nll_of = {o.label: n for o, n in outcomes_and_nll}
+    mask = torch.ones(1, TARGET - 1, dtype=torch.bool)
+    pairs = rank_outcomes(outcomes, nll_of, mask)
+    return outcomes, pairs
+
+
+def test_ranking_and_recommendation_separate_only_where_the_intervals_do():
+    text = text_nll()
+    late = (torch.arange(1, TARGET)[None] >= TRAINED).float()
+    gen = torch.Generator().manual_seed(5)
+    cases = {"default": text + 2.5 * late, "yarn": text, "ntk": text + 0.002 * torch.randn(text.shape, generator=gen),
+             "linear": text + 0.1}
+    hits = {"default": 4, "yarn": 20, "ntk": 19, "linear": 10}
+    outcomes, pairs = ranked(*[(synthetic(k, v, hits[k]), v) for k, v in cases.items()])
+    assert [o.label for o in outcomes] == ["yarn", "ntk", "linear", "default"]
+    by = {o.label: o for o in outcomes}
+    assert by["yarn"].tied_with == ["ntk"] and by["ntk"].tied_with == ["yarn"]
+    assert not by["linear"].tied_with and pairs[("linear", "yarn")].separated
+    rec = recommend(outcomes, TRAINED, TARGET, "default", model_source="demo", pairs=pairs, buckets_per_window=16)
+    assert rec.label == "yarn" and rec.factor == 2.0
+    assert rec.text.startswith("Use yarn (factor 2) to run this model at 16384 tokens")
+    assert "retrieval 20/32 = 62% [" in rec.text and "against 4/32 = 12% [" in rec.text
+    assert "Tied with it at this sample size (1 context(s), 32 queries): ntk" in rec.text
+    assert "queries per method the retrieval" in rec.text
+    assert rec.export_command == "ropekit export demo --method yarn --factor 2 --out demo-yarn-16384"
+    assert "Without scaling, the tokens past 8192 reach perplexity" in rec.text
+
+
+def test_a_non_exportable_first_place_is_recommended_as_its_exportable_twin():
+    text = text_nll(1)
+    dyn = synthetic("dynamic_yarn", text, 25, exportable=False)
+    yarn = synthetic("yarn", text.clone(), 25)
+    base = synthetic("default", text + 1.0, 2)
+    outcomes, pairs = ranked((dyn, text), (yarn, text.clone()), (base, text + 1.0))
+    rec = recommend(outcomes, TRAINED, TARGET, "default", twins={"yarn": ["yarn", "dynamic_yarn"]}, pairs=pairs)
+    assert rec.label == "yarn" and "--method yarn" in rec.export_command
+    if outcomes[0].label == "dynamic_yarn":
+        assert "computes the same rotation as yarn" in rec.text
+    # without a twin, the best exportable method is named and the first place's problem said
+    outcomes, pairs = ranked((synthetic("dynamic_yarn", text, 30, exportable=False), text),
+                             (synthetic("ntk", text + 0.2, 10), text + 0.2), (base, text + 1.0))
+    rec = recommend(outcomes, TRAINED, TARGET, "default", pairs=pairs)
+    assert rec.label == "ntk" and "cannot be exported for plain transformers" in rec.text
+
+
+def test_a_tie_with_the_unscaled_model_keeps_it():
+    text = text_nll(2)
+    gen = torch.Generator().manual_seed(3)
+    noisy = text + 0.002 * torch.randn(text.shape, generator=gen)
+    outcomes, pairs = ranked((synthetic("default", text, 16), text), (synthetic("yarn", noisy, 17), noisy))
+    rec = recommend(outcomes, TRAINED, TARGET, "default", pairs=pairs)
+    assert rec.label == "default" and rec.export_command is None
+    assert "No method is told apart from the model's own RoPE" in rec.text or rec.text.startswith("Keep the model")
 
 
 def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):
@@ -110,36 +153,80 @@ def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):
     loaded = LoadedModel(model=model, tokenizer=byte_tokenizer(), rope=RopeConfig.from_hf(model.config),
                          family="llama", source="tiny-llama")
     data = tmp_path / "text.txt"
-    data.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(40)))
+    data.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(80)))
     out = tmp_path / "report"
-    options = CompareOptions(target_length=512, data=data, bucket_size=128, passkey_depths=(0.0, 1.0),
-                             passkey_trials=1, progress=False)
+    options = CompareOptions(target_length=512, data=data, bucket_size=128, needles=4, progress=False)
     rep = run_compare(loaded, options, out)
-    assert sorted(p.name for p in out.iterdir()) == [".ropekit-output.json", "passkey.csv", "passkey.png",
-                                                    "perplexity.csv",
-                                                    "perplexity.png", "results.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".ropekit-output.json", "perplexity.csv", "perplexity.png",
+                                                    "results.json", "retrieval.csv", "retrieval.png", "summary.md"]
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "tiny-llama" and results["trained_length"] == 256 and results["factor"] == 2.0
-    for r in results["results"]:
-        assert {"method", "factor", "length", "ppl", "bucket_size", "bucket_ppl"} <= set(r)
-        assert r["length"] == 512 and r["bucket_size"] == 128 and len(r["bucket_ppl"]) == 4
+    assert results["target_length"] == 512 and results["wall_time_s"] > 0
     labels = [o["label"] for o in results["ranking"]]
     assert sorted(o["rank"] for o in results["ranking"]) == list(range(1, len(labels) + 1))
     assert {"default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3"} <= set(labels)
+    for entry in results["ranking"]:
+        assert {"method", "ppl_target", "ppl_target_ci", "retrieval_accuracy", "retrieval_queries",
+                "retrieval_ci"} <= set(entry)
+        lo, hi = entry["ppl_target_ci"]
+        assert lo <= entry["ppl_target"] <= hi
+        assert entry["retrieval_queries"] == 4 and len(entry["queries"]) == 4
+        lo, hi = entry["retrieval_ci"]
+        assert 0 <= lo <= entry["retrieval_accuracy"] <= hi <= 1
     # no LongRoPE factors in the config; arXiv 2405.14591's base for 512 tokens (4.3e3) is below the model's 1e4
     assert [s["method"] for s in results["skipped"]] == ["longrope", "base"]
-    assert results["recommendation"] == rep.recommendation
+    assert results["recommendation"]["text"] == rep.recommendation.text
     by = {o.label: o for o in rep.outcomes}
     assert "same rotation as yarn at 512 tokens: measured once" in by["dynamic_yarn"].notes
     assert by["dynamic_yarn"].ppl_target == by["yarn"].ppl_target
-    assert any("passkey measured once" in n for n in by["dynamic_yarn"].notes)
-    # static methods' short-context ppl is the prefix of the long window; dynamic NTK is plain RoPE up to L
+    assert by["dynamic_yarn"].queries == by["yarn"].queries
+    # static methods' short-context ppl is the prefix of the long pass; dynamic NTK is plain RoPE up to L
     assert math.isclose(by["dynamic"].ppl_trained, by["default"].ppl_trained)
     assert not math.isclose(by["linear"].ppl_trained, by["default"].ppl_trained)
     summary = (out / "summary.md").read_text()
     assert "| rank | method |" in summary and "## Which method to use and why" in summary
-    assert rep.recommendation in summary and "longrope: needs per-pair factors" in summary
-    assert len(results["passkey"]) == len(labels) and all(len(p["trials"]) == 2 for p in results["passkey"])
+    assert rep.recommendation.text in summary and "longrope: needs per-pair factors" in summary
+    assert "## Where the time went" in summary
+    import csv
+
+    with (out / "retrieval.csv").open(newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4 * len(labels)  # one row per question and method
+
+
+def test_the_recommended_configuration_exports(tiny_folder, tmp_path, monkeypatch):
+    """The export command line in the recommendation runs and writes a checkpoint transformers loads."""
+    import shlex
+
+    from transformers import AutoConfig
+
+    from ropekit.cli import main
+    from ropekit.hf import load_model
+
+    loaded = load_model(str(tiny_folder))
+    data = tmp_path / "text.txt"
+    data.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(80)))
+    rep = run_compare(loaded, CompareOptions(target_length=512, data=data, bucket_size=128, needles=4,
+                                             methods=["yarn", "linear"], progress=False))
+    rec = rep.recommendation
+    if rec.export_command is None:  # the unscaled model won on this random model: force a method to export
+        rep = run_compare(loaded, CompareOptions(target_length=512, data=data, bucket_size=128, needles=4,
+                                                 methods=["yarn"], progress=False))
+        pick = next(o for o in rep.outcomes if o.label == "yarn")
+        from ropekit.evaluation.compare import export_command
+
+        command = export_command(loaded.source, pick.config, 512)
+    else:
+        command = rec.export_command
+    argv = shlex.split(command)
+    assert argv[:2] == ["ropekit", "export"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(argv[1:])
+    assert done.value.code in (0, None)
+    folder = tmp_path / argv[argv.index("--out") + 1]
+    config = AutoConfig.from_pretrained(folder)
+    params = getattr(config, "rope_parameters", None) or {}
+    assert params.get("rope_type") in ("yarn", "linear") and params.get("factor") == 8.0
 
 
 def test_compare_failure_leaves_no_half_written_report(tiny_model, tmp_path):
@@ -150,6 +237,17 @@ def test_compare_failure_leaves_no_half_written_report(tiny_model, tmp_path):
                          family="llama", source="tiny-llama")
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    with pytest.raises(ValueError, match="512 tokens needed"):
-        run_compare(loaded, CompareOptions(target_length=512, data=short, progress=False), tmp_path / "report")
+    with pytest.raises(ValueError, match="tokens needed"):
+        run_compare(loaded, CompareOptions(target_length=512, data=short, needles=4, progress=False),
+                    tmp_path / "report")
     assert not (tmp_path / "report").exists() and list(tmp_path.iterdir()) == [short]
+
+
+def test_plan_with_a_factors_file_adds_a_longrope_row(tmp_path):
+    pairs = SMOLLM2_ROPE.rotary_dim // 2
+    path = tmp_path / "factors.json"
+    path.write_text(json.dumps({"short_factor": [1.0] * pairs, "long_factor": [1.0 + i / pairs for i in range(pairs)]}))
+    plans = plan_methods(SMOLLM2_ROPE, 16384, factors_file=path, factors_source="searched")
+    row = next(p for p in plans if p.method == "longrope")
+    assert row.label == "longrope (searched)" and row.skipped is None
+    assert row.rope.long_factor[-1] == pytest.approx(1.0 + (pairs - 1) / pairs) and row.rope.factor == 2.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -151,7 +152,7 @@ def test_length_dependent_flags():
     (dict(head_dim=64, method="yarn", factor=2.0, original_max_position=64, beta_fast=1, beta_slow=32),
      r"beta_fast: must be > beta_slow"),
     (dict(head_dim=64, method="llama3", factor=8.0, original_max_position=64, low_freq_factor=4.0,
-          high_freq_factor=1.0), r"high_freq_factor: must be > low_freq_factor"),
+          high_freq_factor=1.0), r"high_freq_factor: must be >= low_freq_factor"),
     (dict(head_dim=64, method="linear", factor=2.0, original_max_position=100, max_position=50),
      r"max_position: the target length \(50\) must be >= original_max_position \(100\)"),
     (dict(head_dim=64, method="longrope", original_max_position=64, short_factor=[1.0] * 31, long_factor=[1.0] * 32),
@@ -354,3 +355,71 @@ def test_extend_agrees_with_with_method_where_both_apply():
         # with_method leaves the target to be derived; extend states it: the same length either way.
         assert extended.max_position == extended.target_length == old.target_length == 16384
         assert extended.replace(max_position=None) == old
+
+
+def test_layered_rope_reads_gemma3s_older_config_per_layer_type():
+    from ropekit.config import LayeredRope
+
+    g3 = {"model_type": "gemma3_text", "head_dim": 128, "hidden_size": 5376, "num_attention_heads": 32,
+          "num_hidden_layers": 12, "max_position_embeddings": 131072, "rope_local_base_freq": 10000.0,
+          "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rope_theta": 1000000.0, "sliding_window_pattern": 6}
+    with pytest.raises(ValueError, match="one RoPE per layer type"):
+        RopeConfig.from_hf(g3)  # never one RoPE for a config with two
+    layered = LayeredRope.from_hf(g3)
+    assert layered.layers_of("full_attention") == (5, 11)
+    assert (layered["full_attention"].method, layered["full_attention"].base) == ("linear", 1e6)
+    assert (layered["sliding_attention"].method, layered["sliding_attention"].base) == ("default", 1e4)
+    assert layered.single is None and layered.per_type
+    extended = layered.extend("linear", 16.0, original_max_position=16384)
+    assert extended.changed == ("full_attention",) and extended.changed_layers == (5, 11)
+    assert extended["sliding_attention"] == layered["sliding_attention"]
+    both = layered.extend("linear", 2.0, layer_types=("full_attention", "sliding_attention"),
+                          original_max_position=16384)
+    assert both.changed_layers == tuple(range(12))
+    with pytest.raises(ValueError, match="layer_types: 'global' is not a layer type"):
+        layered.extend("linear", 2.0, layer_types="global")
+    hf = extended.to_hf()["rope_parameters"]
+    assert hf["full_attention"]["factor"] == 16.0 and hf["sliding_attention"]["rope_type"] == "default"
+    assert "layers 5, 11" in extended.describe()
+
+
+def test_layered_rope_nope_layers_and_text_config():
+    from ropekit.config import LayeredRope
+
+    smol = {"model_type": "smollm3", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 8,
+            "rope_theta": 5e6, "max_position_embeddings": 4096, "no_rope_layer_interval": 4}
+    layered = LayeredRope.from_hf(smol)
+    assert layered.nope_layers == (3, 7) and layered.single == RopeConfig.from_hf(smol)
+    assert layered.extend("yarn", 2.0).changed_layers == (0, 1, 2, 4, 5, 6)
+    wrapped = {"model_type": "mistral3", "text_config": {"model_type": "mistral", "hidden_size": 256,
+                                                         "num_attention_heads": 4, "rope_theta": 1e9}}
+    assert RopeConfig.from_hf(wrapped).base == 1e9
+
+
+def test_llama4_llama3_scaling_with_no_blend_band():
+    from ropekit.methods import frequencies
+
+    cfg = RopeConfig(head_dim=128, base=5e5, method="llama3", factor=16.0, original_max_position=8192,
+                     low_freq_factor=1.0, high_freq_factor=1.0)
+    f = frequencies(cfg).inv_freq64
+    plain = frequencies(RopeConfig(head_dim=128, base=5e5)).inv_freq64
+    slow = 2 * math.pi / plain > 8192
+    assert torch.equal(f[~slow], plain[~slow]) and torch.allclose(f[slow], plain[slow] / 16)
+
+
+def test_proportional_rope_and_mrope_read():
+    from ropekit.config import hf_mrope_section
+    from ropekit.methods import frequencies
+
+    g4 = {"model_type": "gemma4_text", "head_dim": 256, "hidden_size": 1024, "num_attention_heads": 4,
+          "rope_parameters": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
+    cfg = RopeConfig.from_hf(g4)
+    assert (cfg.rotary_dim, cfg.rotated_fraction) == (256, 0.25)
+    inv = frequencies(cfg).inv_freq64
+    assert (inv[32:] == 0).all() and (inv[:32] > 0).all()
+    assert cfg.to_hf()["rope_parameters"]["partial_rotary_factor"] == 0.25
+    with pytest.raises(ValueError, match="proportional"):
+        cfg.extend("yarn", 2.0, original_max_position=4096)
+    vl = {"model_type": "qwen2_5_vl", "hidden_size": 3584, "num_attention_heads": 28,
+          "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "rope_theta": 1e6}
+    assert RopeConfig.from_hf(vl).method == "default" and hf_mrope_section(vl) == (16, 24, 24)

@@ -295,3 +295,40 @@ def test_smollm2_gguf_export_loads_in_plain_transformers(smollm2, stdlib_text, t
     # float32 round-off through 30 layers (transformers builds its angles in float32, ropekit in float64)
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_per_layer_type_rope_exports_per_type_and_transformers_reads_it_back():
+    """Gemma 3: one RoPE per layer type. Extending changes the full-attention layers only (``changed_layers``);
+    the export writes rope_parameters per type, and transformers' model built from it gives the patched logits."""
+    from transformers import AutoModelForCausalLM
+
+    from ropekit.config import LayeredRope
+    from ropekit.hf.reference import _tiny_model, tiny_family_config
+
+    config, _ = tiny_family_config("gemma3_text")
+    model = _tiny_model(config)
+    layered = LayeredRope.from_hf(model.config)
+    assert set(layered.types) == {"full_attention", "sliding_attention"}
+    extended = layered.extend("yarn", 2.0, original_max_position=16)
+    assert extended.changed == ("full_attention",)
+    assert extended.changed_layers == layered.layers_of("full_attention")
+    assert extended["sliding_attention"] == layered["sliding_attention"]
+    written = hf_config_for(model.config, extended)
+    assert set(written["rope_parameters"]) >= {"full_attention", "sliding_attention"}
+    assert written["rope_parameters"]["full_attention"]["rope_type"] == "yarn"
+    read_back = LayeredRope.from_hf(written)
+    assert read_back["full_attention"] == extended["full_attention"]
+    # The sliding layers' plain RoPE: same frequencies (its "trained length" follows max_position_embeddings).
+    assert (read_back["sliding_attention"].method, read_back["sliding_attention"].base) == ("default", 10000.0)
+    assert read_back.layers == extended.layers
+    rebuilt = type(model.config)(**{k: v for k, v in written.items() if k not in ("model_type", "transformers_version")})
+    rebuilt._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(rebuilt, attn_implementation="eager").eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(ids).logits
+        with apply_rope(model, extended):
+            got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -119,3 +119,89 @@ def test_gptj_uses_the_layout_transformers_has_today():
         replaced = any(isinstance(m, RopekitRotaryAdapter) for m in model.modules())
         assert replaced == has_module and patch.adapter.gptj_order == has_module
     assert not any(isinstance(m, RopekitRotaryAdapter) for m in model.modules())
+
+
+# ---------------------------------------------------------------------- any family, from its structure
+def _tiny(model_type):
+    from ropekit.hf.reference import _tiny_model, tiny_family_config
+
+    return _tiny_model(tiny_family_config(model_type)[0])
+
+
+def test_layout_comes_from_the_modeling_code_not_a_list():
+    from ropekit.config import hf_layout
+
+    # rotate_half over (2i, 2i+1) in Cohere's and GLM's modeling code; halves in Llama's.
+    assert hf_layout({"model_type": "cohere"}) == hf_layout({"model_type": "glm4"}) == "gptj"
+    assert hf_layout({"model_type": "llama"}) == "neox"
+    assert hf_layout({"model_type": "deepseek_v3", "rope_interleave": False}) == "neox"
+    assert hf_layout({"model_type": "youtu", "rope_interleave": True}) == "gptj"
+
+
+def test_each_routed_function_is_probed_for_its_own_pairing():
+    """DeepSeek-V3.2 rotates its indexer's q, k rotate-half and its attention's interleaved: each function the
+    attention calls is matched against ropekit by calling it, and the patch rotates each its own way."""
+    from ropekit.config import LayeredRope
+    from ropekit.hf.families import locate, probe_functions, probe_tables
+
+    model = _tiny("deepseek_v32")
+    located = locate(model, "deepseek_v32")
+    rope = LayeredRope.from_hf(model.config)
+    probe_tables(located, rope, torch.float32, torch.device("cpu"))
+    probe_functions(located, rope, torch.device("cpu"))
+    assert located.functions["apply_rotary_pos_emb"].layout == "neox"
+    assert located.functions["apply_rotary_pos_emb_interleave"].layout == "gptj"
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(0))
+    reference = logits(model, ids)
+    with apply_rope(model, rope):
+        torch.testing.assert_close(logits(model, ids), reference, atol=1e-4, rtol=0)
+
+
+def test_a_model_whose_rotary_module_disagrees_with_the_config_reading_is_refused():
+    """The probe calls the model's own rotary module: if ropekit's reading of the config would give other
+    frequencies (here: a config edited after the model was built), nothing is patched."""
+    model = make_tiny_model("llama")
+    model.config.rope_parameters = {**model.config.rope_parameters, "rope_theta": 12345.0}
+    with pytest.raises(TransformersStructureError, match="computes other frequencies"):
+        apply_rope(model, RopeConfig.from_hf(model.config))
+    assert active_patch(model) is None
+
+
+def test_per_layer_type_model_needs_a_layered_rope():
+    from ropekit.config import LayeredRope
+
+    model = _tiny("gemma3_text")
+    with pytest.raises(ValueError, match="one RoPE per layer type"):
+        apply_rope(model, LayeredRope.from_hf(model.config)["full_attention"])
+    layered = LayeredRope.from_hf(model.config).extend("linear", 2.0)
+    assert layered.changed == ("full_attention",)
+    with apply_rope(model, layered) as patch:
+        assert set(patch.ropes) == {"full_attention", "sliding_attention"}
+        assert patch.config == layered["full_attention"]
+
+
+def test_nope_layers_are_left_alone():
+    """SmolLM3: the layers without RoPE do not rotate, patched or not; the others rotate through ropekit."""
+    from ropekit.config import LayeredRope
+
+    model = _tiny("smollm3")
+    layered = LayeredRope.from_hf(model.config)
+    assert layered.nope_layers == (1,) and layered.rope_layers == (0,)
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(0))
+    reference = logits(model, ids)
+    with apply_rope(model, layered.extend("yarn", 2.0, original_max_position=16)) as patch:
+        scaled = logits(model, ids)
+        assert patch._forward.rotated == {0}
+    with apply_rope(model, layered):
+        torch.testing.assert_close(logits(model, ids), reference, atol=1e-4, rtol=0)
+    assert not torch.allclose(scaled, reference, atol=1e-3)
+
+
+def test_mrope_models_are_refused_with_the_reason():
+    from ropekit.hf.families import rope_families
+
+    if "qwen3_5_text" not in rope_families():
+        pytest.skip("no Qwen3.5 in this transformers")
+    model = _tiny("qwen3_5_text")
+    with pytest.raises(ValueError, match="M-RoPE"):
+        apply_rope(model, RopeConfig.from_hf(model.config))

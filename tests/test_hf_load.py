@@ -206,3 +206,70 @@ def test_gguf_quantization_notes_are_dropped_only_while_loading(transformers_log
     assert transformers_log == ["something else about this file"]
     logger.warning(note)
     assert transformers_log[-1] == note
+
+
+# ---------------------------------------------------------------------- the RoPE of a source, from its files only
+def test_rope_from_source_reads_configs_and_gguf_files(tmp_path, no_loading):
+    import gguf
+    import numpy as np
+
+    from ropekit.commands.common import rope_from_source as cli_rope_from_source
+    from ropekit.hf.load import rope_from_source
+
+    cfg, name = rope_from_source("demo")
+    assert name == "SmolLM2-135M-Instruct (demo)" and (cfg.base, cfg.method, cfg.trained_length) == (1e5, "default", 8192)
+    assert cli_rope_from_source(None) == (cfg, name)  # the CLI's helper is the library's
+
+    _, folder = save_tiny(tmp_path, "qwen2")
+    cfg, name = rope_from_source(folder / "config.json")
+    assert cfg == RopeConfig.from_hf(json.loads((folder / "config.json").read_text())) and "(qwen2)" in name
+
+    # A GGUF with Llama 3.1's rope_freqs tensor: the factors are read (not only the scalar metadata).
+    gguf_folder = tmp_path / "gguf-only"
+    gguf_folder.mkdir()
+    writer = gguf.GGUFWriter(str(gguf_folder / "tiny.gguf"), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(64)
+    writer.add_head_count(2)
+    divisors = [1.0] * 4 + [1.5, 2.5, 3.5] + [4.0] * 9
+    writer.add_tensor("rope_freqs.weight", np.asarray(divisors, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cfg, name = rope_from_source(gguf_folder)  # a folder holding a single .gguf
+    assert name == "tiny llama" and cfg.method in ("llama3", "longrope")
+    plain = 10000.0 ** (-np.arange(0, 32, 2) / 32)
+    from ropekit.methods import frequencies
+
+    np.testing.assert_allclose(frequencies(cfg).inv_freq64.numpy(), plain / np.asarray(divisors), rtol=1e-6)
+
+
+def test_rope_from_source_errors_are_one_line(tmp_path, no_loading):
+    from ropekit.hf.load import rope_from_source
+
+    with pytest.raises(FileNotFoundError, match="model not found") as info:
+        rope_from_source(str(tmp_path / "missing.gguf"))
+    one_line(info)
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + bytes(40))
+    with pytest.raises(ValueError, match="not a readable GGUF file") as info:
+        rope_from_source(str(tmp_path / "broken.gguf"))
+    one_line(info)
+    (tmp_path / "two").mkdir()
+    for n in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / n).write_bytes(b"GGUF")
+    with pytest.raises(FileNotFoundError, match="2 .gguf files"):
+        rope_from_source(str(tmp_path / "two"))
+
+
+def test_load_model_reads_the_rope_of_an_exported_gguf(tmp_path):
+    """ropekit export --format gguf, then ropekit loads the copy: its RoPE is the one written, and the note that
+    transformers' GGUF loader does not read it comes once."""
+    from ropekit.hf.export_gguf import export_gguf
+
+    want = RopeConfig.from_gguf(hf.demo_model_path()).extend("yarn", 2)
+    out, _ = export_gguf(hf.demo_model_path(), want, tmp_path / "yarn2.gguf")
+    with pytest.warns(UserWarning, match="transformers' GGUF loader does not read"):
+        loaded = load_model(out, device="cpu")
+    assert loaded.rope == want and loaded.family == "llama"

@@ -471,3 +471,17 @@ def test_triton_backend_inside_a_model_in_the_interpreter(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     diff = float(run.stdout.split("max-diff")[-1])
     assert diff <= ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_half_precision_is_patched(dtype, tiny_model):
+    """``model.to(bf16)`` casts the rotary module's inv_freq too: its own tables are then a few eps off ropekit's,
+    and the structure probe must still recognise them (the demo model runs in bf16 on CPUs)."""
+    model = tiny_model("llama").to(dtype)
+    ids = torch.arange(3, 40)[None]
+    with torch.inference_mode():
+        own = model(ids).logits.float()
+        with apply_rope(model, RopeConfig.from_hf(model.config)):
+            patched = model(ids).logits.float()
+    # ropekit's float32 angles differ from the model's half-precision ones by a few eps: close, not equal
+    assert torch.allclose(patched, own, atol=0.1, rtol=0.05)

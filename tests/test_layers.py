@@ -25,11 +25,11 @@ PACKAGE = "ropekit"
 # (layer name, module names). A name covers the module and everything under it; "=name" covers that module
 # only (a package __init__ whose submodules sit on other layers). The longest match decides.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("ropekit.config", "ropekit.methods")),
+    ("core", ("ropekit.config", "ropekit.methods", "ropekit.gguf", "ropekit.warn")),
     ("reference", ("ropekit.rotation",)),
     ("kernels", ("ropekit.kernels.cpu", "ropekit.kernels.triton_rope", "ropekit.kernels.ops")),
     ("dispatch", ("ropekit.dispatch", "ropekit.kernels.dispatch", "=ropekit.kernels")),
-    ("module", ("ropekit.module", "=ropekit")),
+    ("module", ("ropekit.module", "ropekit.multimodal", "=ropekit")),
     ("integration", ("ropekit.models", "ropekit.hf", "ropekit.io", "ropekit.output")),
     ("applications", ("ropekit.evaluation", "ropekit.eval", "ropekit.training", "ropekit.train", "ropekit.search",
                       "ropekit.analysis", "ropekit.kernels.bench")),

@@ -25,7 +25,7 @@ def plain(cfg: RopeConfig) -> torch.Tensor:
 
 def test_registry_lists_every_method():
     assert ropekit.method_names() == ["default", "linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3",
-                                      "longrope", "base"]
+                                      "longrope", "base", "proportional"]
     for name in ropekit.method_names():
         spec = ropekit.get_method(name)
         assert spec.summary and spec.compute.__module__.startswith("ropekit.methods.")
@@ -222,8 +222,9 @@ def test_derived_tables_equal_the_ones_config_used_to_spell_out():
 
     assert set(method_fields()) == {
         "factor", "original_max_position", "attention_factor", "beta_fast", "beta_slow", "truncate", "mscale",
-        "mscale_all_dim", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor", "n_hat", "new_base"}
-    assert len(method_fields()) == 14 and set(config.METHOD_FIELDS) == set(method_fields())
+        "mscale_all_dim", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor", "n_hat", "new_base",
+        "rotated_fraction"}
+    assert len(method_fields()) == 15 and set(config.METHOD_FIELDS) == set(method_fields())
     assert config.hf_keys() == config.HF_ROPE_KEYS == {
         "rope_type": None, "type": None, "rope_theta": None, "partial_rotary_factor": None,
         "factor": "factor", "original_max_position_embeddings": "original_max_position",
@@ -242,17 +243,20 @@ def test_derived_tables_equal_the_ones_config_used_to_spell_out():
               "llama3": (("factor", "original_max_position"), ("low_freq_factor", "high_freq_factor")),
               "longrope": (("short_factor", "long_factor", "original_max_position"),
                            ("factor", "attention_factor", "n_hat")),
-              "base": (("new_base",), ())}
+              "base": (("new_base",), ()),
+              "proportional": ((), ("factor", "rotated_fraction"))}
     for name, (required, accepted) in before.items():
         spec = ropekit.get_method(name)
         assert (set(spec.required), set(spec.accepted)) == (set(required), set(accepted)), name
     # Properties the rest of ropekit reads from the registry instead of lists of names.
-    assert ropekit.method_names(comparable=True) == ropekit.method_names()
+    # proportional is a model's own RoPE (Gemma 4), not an extension to compare.
+    assert ropekit.method_names(comparable=True) == [n for n in ropekit.method_names() if n != "proportional"]
     assert ropekit.method_names(length_dependent=True) == ["dynamic", "dynamic_yarn", "longrope"]
     assert ropekit.method_names(exportable=False) == ["dynamic_yarn"]
     assert {n: ropekit.get_method(n).hf_type for n in ropekit.method_names()} == {
         "default": "default", "linear": "linear", "ntk": None, "dynamic": "dynamic", "yarn": "yarn",
-        "dynamic_yarn": None, "llama3": "llama3", "longrope": "longrope", "base": None}
+        "dynamic_yarn": None, "llama3": "llama3", "longrope": "longrope", "base": None,
+        "proportional": None}
     assert {n: ropekit.get_method(n).gguf_type for n in ropekit.method_names() if ropekit.get_method(n).gguf_type} == {
         "default": "none", "linear": "linear", "yarn": "yarn", "longrope": "longrope"}
 
@@ -265,7 +269,8 @@ def test_every_parameter_is_described_once_for_the_cli():
     flags = {name: p.flag for name, (p, _) in params.items()}
     assert flags["beta_fast"] == "--beta-fast" and flags["original_max_position"] == "--original-length"
     assert flags["new_base"] == "--new-base" and flags["short_factor"] == flags["long_factor"] == "--factors-file"
-    assert params["factor"][1] == ("linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3", "longrope")
+    assert params["factor"][1] == ("linear", "ntk", "dynamic", "yarn", "dynamic_yarn", "llama3", "longrope",
+                                   "proportional")
     assert params["new_base"][1] == ("base",)
     for name, (p, users) in params.items():
         assert p.help and len(p.help.splitlines()) == 1, name

@@ -222,3 +222,20 @@ def test_module_argument_errors():
         RotaryEmbedding({"head_dim": D})
     with pytest.raises(ValueError, match="q, k: at least one tensor"):
         RotaryEmbedding(RopeConfig(head_dim=D))(None, None)
+
+
+# ---------------------------------------------------------------------- multi-axis positions
+def test_multi_axis_configs_and_positions_point_to_the_multi_axis_module():
+    """M-RoPE's (t, h, w) positions or a MultiAxisRope given to the 1-D module: an error naming the module to use,
+    not a shape error or a silent 1-D rotation."""
+    cfg = RopeConfig(head_dim=D)
+    section = [2, 3, 3]
+    with pytest.raises(ValueError, match="cfg: a MultiAxisRope .* use ropekit.MultiAxisRotaryEmbedding"):
+        RotaryEmbedding(ropekit.mrope(cfg, section))
+    q = torch.randn(1, 2, 4, D)
+    pos = torch.arange(4).expand(3, 1, 4)
+    with pytest.raises(ValueError, match=r"positions: shape \(3, 1, 4\) looks like multi-axis positions"):
+        RotaryEmbedding(cfg)(q, None, pos)
+    # ... and the module it names takes them; text positions (t = h = w) rotate as the 1-D module does.
+    got = ropekit.MultiAxisRotaryEmbedding(ropekit.mrope(cfg, section))(q, None, pos)[0]
+    assert torch.equal(got, RotaryEmbedding(cfg)(q, None, torch.arange(4))[0])

@@ -69,7 +69,7 @@ def test_needle_prompt_snaps_to_a_line_start(tokenizer):
     lines = [f"line {i:03d} of the haystack text" for i in range(200)]
     hay_text = "\n".join(lines)
     haystack = torch.tensor(tokenizer(hay_text)["input_ids"])
-    from ropekit.evaluation.needle import line_start_mask
+    from ropekit.evaluation.data import line_start_mask
 
     starts = line_start_mask(tokenizer, haystack)
     prompt = needle_prompt(tokenizer, haystack, 2000, 0.5, "The secret number of Oslo is 12345.",

@@ -24,6 +24,7 @@ from ropekit.training.study import (
     observations,
     passkey_prompt,
     passkey_rows,
+    pose_section,
     run_study,
     stdlib_files,
     summary_markdown,
@@ -83,6 +84,9 @@ def test_sizes_validation_and_lengths():
         dataclasses.replace(TINY, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match="train_len: must be >="):
         dataclasses.replace(TINY, train_len=64)
+    with pytest.raises(ValueError, match=r"pose_window: must be 0 \(no PoSE run\) or in \[\d+, 512\)"):
+        dataclasses.replace(TINY, pose_window=512)
+    assert dataclasses.replace(TINY, pose_window=0).pose_window == 0
 
 
 def _fake_results(explodes: bool) -> dict:
@@ -140,6 +144,30 @@ def test_tiny_study_end_to_end(tmp_path):
     first = results["before"]["default"]["ppl"][128]
     assert f"| no scaling | {first:.3f} |" in md
     assert "Perplexity after fine-tuning" in md and "Passkey accuracy before fine-tuning" in md
+    # PoSE: YaRN fine-tuned again on 128-byte windows with ids up to 512, set beside its full-length run.
+    pose = saved["pose"]
+    assert pose["method"] == "yarn" and pose["window"] == 128
+    assert len(pose["pose"]["history"]) == TINY.finetune_steps
+    assert 0 < pose["pose"]["activation_bytes"] < pose["full"]["activation_bytes"]
+    assert pose["full"]["ppl"] == saved["after"]["yarn"]["ppl"]
+    assert pose["pose"]["ppl"]["512"] != saved["after"]["yarn"]["ppl"]["512"]
+    assert "## PoSE vs full-length fine-tuning (YaRN, 2 steps each" in md
+    assert "| PoSE, window 128 | 128 bytes |" in md
+
+
+def test_pose_section_follows_the_numbers():
+    results = _fake_results(explodes=True)
+    entry = lambda ppl, s, mib: {"ppl": {128: 4.0, 256: 4.0, 512: ppl}, "passkey": {128: 0.0, 256: 0.0, 512: 0.5},  # noqa: E731
+                                 "train_s": s, "activation_bytes": mib * 2**20, "row_bytes": 0}
+    results["before"]["yarn"]["ppl"][512] = 6.0
+    results["pose"] = {"method": "yarn", "window": 128, "full": entry(4.0, 40.0, 100), "pose": entry(4.1, 10.0, 25)}
+    text = "\n".join(pose_section(results))
+    assert "ppl 6.000 before fine-tuning -> 4.100 (full length: 4.000) for 25% of the full-length training time " \
+           "and 25% of its activation memory" in text
+    assert text.endswith("(paper claim: PoSE reaches the full-length result at a fraction of the cost; seen).")
+    results["pose"]["pose"]["ppl"][512] = 5.0
+    assert "partly seen: 50% of the full-length gain" in "\n".join(pose_section(results))
+    assert pose_section(_fake_results(explodes=True)) == []
 
 
 def test_study_command_rejects_bad_sizes(tmp_path):

@@ -18,7 +18,7 @@ NoArgsIsHelpError = getattr(_errors, "NoArgsIsHelpError", None)
 
 app = typer.Typer(
     name="ropekit",
-    help="RoPE and context-window extension: inspect, evaluate, compare, export, fine-tune.",
+    help="RoPE and context-window extension: inspect, evaluate, compare, export, fine-tune, search.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 # Modules under ropekit.commands; each defines register(app).
-COMMAND_MODULES: list[str] = ["evaluate", "compare", "inspect", "export", "bench", "finetune", "study"]
+COMMAND_MODULES: list[str] = ["evaluate", "compare", "inspect", "export", "bench", "finetune", "study", "search"]
 
 USAGE_ERROR = 2
 

@@ -11,6 +11,9 @@ KV-cache policy (dynamic NTK, dynamic YaRN, LongRoPE short/long):
   Keys cached under an older scale are then stale; re-rotate them with ``rescale_keys`` before use.
   Decoding token by token then equals a full forward pass over each prefix.
 
+Multi-axis positions (M-RoPE's (t, h, w), a ViT's (row, col)) are ``ropekit.MultiAxisRotaryEmbedding``'s
+(``ropekit.multimodal``); this module refuses them with a pointer there.
+
 Positions: ``max_position`` is the longest sequence the config is meant for (``cfg.target_length``: the
 extended length L', or the trained one without scaling; None when the config names neither). The rotation is
 computed from integer positions, not a table, so positions past it are still rotated exactly; pass
@@ -30,6 +33,7 @@ from torch import nn
 from ropekit.config import RopeConfig
 from ropekit.kernels.dispatch import apply_rotary, check_backend
 from ropekit.methods import Frequencies, frequencies
+from ropekit.multimodal import MultiAxisRope
 from ropekit.rotation import cos_sin, reapply_frequencies, rerotate, resolve_positions
 
 DYNAMIC_POLICIES = ("freeze", "recompute")
@@ -54,6 +58,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         check_backend(backend)
         self.backend = backend
+        if isinstance(cfg, MultiAxisRope):
+            raise ValueError(f"cfg: a MultiAxisRope ({cfg.kind}) rotates by several position axes; use "
+                             f"ropekit.MultiAxisRotaryEmbedding(cfg)")
         if not isinstance(cfg, RopeConfig):
             raise ValueError(f"cfg: expected a RopeConfig, got {type(cfg).__name__}")
         if dynamic_policy not in DYNAMIC_POLICIES:
@@ -166,6 +173,10 @@ class RotaryEmbedding(nn.Module):
         return cos_sin(freqs, pos, dtype=dtype)
 
     def _positions(self, ref: torch.Tensor, positions) -> torch.Tensor:
+        if isinstance(positions, torch.Tensor) and positions.dim() == 3:
+            raise ValueError(f"positions: shape {tuple(positions.shape)} looks like multi-axis positions (axes, batch, "
+                             f"seq), e.g. M-RoPE's (t, h, w); RotaryEmbedding takes (seq,) or (batch, seq): use "
+                             f"ropekit.MultiAxisRotaryEmbedding(ropekit.mrope(cfg, mrope_section))")
         seq_axis = -2 if self.heads_first else -3
         batch = ref.shape[0] if ref.dim() == 4 else 1
         return self._check_bound(resolve_positions(positions, batch, ref.shape[seq_axis], ref.device))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import re
 import sys
 import typing
@@ -251,58 +250,11 @@ ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_pct", "rot
 
 
 def rope_from_source(source: str | None) -> tuple[RopeConfig, str]:
-    """(RopeConfig, display name) of a model source, from its config or GGUF metadata only.
+    """(RopeConfig, display name) of a model source, from its config or GGUF file only:
+    ``ropekit.hf.load.rope_from_source`` (kept here for older imports)."""
+    from ropekit.hf.load import rope_from_source as library_rope_from_source
 
-    ``source``: None or "demo" (the bundled SmolLM2), a ``config.json``, a folder holding one (or a single
-    .gguf), a ``.gguf`` file, or a hub id.
-    """
-    from ropekit.config import read_gguf_metadata
-    from ropekit.hf import NO_ROPE_FAMILIES, SUPPORTED_FAMILIES, demo_model_path, read_model_config, \
-        unsupported_family_message
-
-    if source in (None, "demo"):
-        path = demo_model_path()
-        return RopeConfig.from_gguf(path), "SmolLM2-135M-Instruct (demo)"
-    path = Path(source).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise FileNotFoundError(f"model folder {source} has no config.json"
-                                    + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else ""))
-        path = ggufs[0]
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"model not found: {source} (no such file)")
-        try:
-            meta = read_gguf_metadata(path)
-        except (ValueError, OSError, IndexError, KeyError) as exc:
-            raise ValueError(f"model {source}: not a readable GGUF file ({exc})") from None
-        arch = meta.get("general.architecture")
-        if arch in GGUF_NO_ROPE_ARCHS:
-            raise ValueError(f"model architecture {arch!r} has no rotary position embeddings (RoPE)")
-        return RopeConfig.from_gguf(meta), meta.get("general.name") or path.stem
-    if not path.exists() and (str(source).startswith((".", "/", "~")) or str(source).endswith(".json")
-                              or str(source).count("/") > 1):
-        raise FileNotFoundError(f"model not found: {source} (no such file or folder)")
-    try:
-        config = read_model_config(path if path.exists() else source)
-    except OSError as exc:
-        raise FileNotFoundError(f"model not found: {source!r} is not a local file or folder, and its config "
-                                f"could not be fetched from the Hugging Face hub ({str(exc).splitlines()[0]})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{source}: expected a JSON object (a model's config.json)")
-    model_type = config.get("model_type")
-    if model_type in NO_ROPE_FAMILIES or (model_type not in SUPPORTED_FAMILIES
-                                          and not any(k in config for k in ROPE_KEYS)):
-        raise ValueError(unsupported_family_message(model_type))
-    if path.suffix == ".json":
-        fallback = path.parent.resolve().name if path.name == "config.json" else path.stem
-    else:
-        fallback = path.name
-    name = config.get("_name_or_path") or fallback or str(source)
-    return RopeConfig.from_hf(config), f"{name} ({model_type})" if model_type else name
+    return library_rope_from_source(source)
 
 
 def load_model_or_exit(source: str | None, *, device: str = "auto", dtype: str | None = None):

@@ -1,4 +1,4 @@
-"""`ropekit eval ppl | passkey | needle`: measure a model with one or more RoPE extension methods."""
+"""`ropekit eval ppl | passkey | needle | ruler`: measure a model with one or more RoPE extension methods."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ropekit.commands.common import (
     check_options_used,
     check_out_or_exit,
     check_positive,
+    cli_message,
     error_exit,
     extend_rope,
     fail_on,
@@ -29,7 +30,7 @@ from ropekit.commands.common import (
 )
 from ropekit.methods import canonical_name, get_method
 
-eval_app = typer.Typer(help="Evaluate a model with RoPE extension methods: perplexity, passkey, needle.",
+eval_app = typer.Typer(help="Evaluate a model with RoPE extension methods: perplexity, passkey, needle, RULER.",
                        no_args_is_help=True)
 
 MethodsOpt = Annotated[str, typer.Option("--method", "-m", help="scaling method(s), comma-separated, e.g. yarn,dynamic")]
@@ -291,6 +292,63 @@ def needle_command(
     except (ValueError, FileNotFoundError) as exc:
         fail_on("--haystack", str(exc))
     _retrieval_outputs(out, json_path, loaded, results, "needle", overwrite)
+
+
+# ---------------------------------------------------------------------- RULER
+@eval_app.command("ruler")
+@with_method_options
+def ruler_command(
+    model: ModelArg = None,
+    method: MethodsOpt = "yarn",
+    lengths: LengthsOpt = None,
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated tasks, or 'all': niah_single, niah_multikey, "
+                                       "niah_multivalue, variable_tracking, common_words, frequent_words")] = "all",
+    samples: Annotated[int, typer.Option("--samples", help="contexts per (task, length); each is one prefill, "
+                                         "all its questions answered from the cache")] = 2,
+    data: DataOpt = None,
+    seed: SeedOpt = 0,
+    json_path: JsonOpt = None,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    no_baseline: NoBaselineOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    method_options: dict = None,
+) -> None:
+    """RULER-style tasks (needles with distractors, multi-value, variable tracking, common and frequent words),
+    synthesised locally and seeded, scored by string match, per length with 95% intervals."""
+    from ropekit.evaluation.ruler import TASKS, evaluate_ruler, plot_ruler, ruler_markdown
+
+    check_positive(samples=(samples, 1))
+    task_list = list(TASKS) if tasks.strip() == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in task_list if t not in TASKS]
+    if unknown or not task_list:
+        error_exit(f"--tasks: {', '.join(unknown) or 'none given'} not accepted; accepted: all, {', '.join(TASKS)}")
+    preflight(model, method, method_options, lengths, baseline=not no_baseline, out=out, json_path=json_path,
+              overwrite=overwrite, device=device, dtype=dtype, data=data)
+    loaded = _load(model, device, dtype)
+    try:
+        runs, length_list = runs_and_lengths(loaded.rope, method, method_options, lengths,
+                                             baseline=not no_baseline)
+        results = evaluate_ruler(loaded.model, loaded.tokenizer, runs, length_list, task_list, samples,
+                                 data=data, seed=seed)
+    except (ValueError, FileNotFoundError) as exc:
+        error_exit(cli_message(str(exc), {"data": "--data", "length": "--lengths", "text": "--data"}))
+    from ropekit.evaluation import report
+
+    table = ruler_markdown(results)
+    typer.echo(table)
+    payload = {"model": loaded.source, "task": "ruler", "trained_length": loaded.rope.original_max_position,
+               "results": [r.to_dict() for r in results]}
+    name = Path(loaded.source).name or loaded.source
+    _write_outputs(out, json_path, payload, {
+        "ruler.json": None,
+        "ruler.md": lambda p: report.write_text_atomic(p, f"# RULER-style tasks: {name}\n\n{table}"),
+        "ruler.csv": lambda p: report.write_text_atomic(p, report.csv_text(
+            [dict(a, method=r.label) for r in results for a in r.answers])),
+        "ruler.png": lambda p: plot_ruler(results, p, model_name=name,
+                                          trained_length=loaded.rope.original_max_position),
+    }, command="eval ruler", overwrite=overwrite)
 
 
 def _depths_or_exit(depths: str, trials: int) -> list[float]:

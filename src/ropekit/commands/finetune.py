@@ -50,11 +50,27 @@ def finetune_command(
     eval_windows: int = typer.Option(4, "--eval-windows", help="Documents per evaluation length."),
     export: bool = typer.Option(True, "--export/--no-export", help="Write a transformers checkpoint to OUT/model."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    pose: bool = typer.Option(False, "--pose/--no-pose", help="PoSE: train --window-token windows whose position "
+                                                              "ids are spread over --seq-len (cost of --window)."),
+    window: Optional[int] = typer.Option(None, "--window", help="With --pose: tokens per training row "
+                                                                "(2 <= W < --seq-len)."),
+    pose_chunks: int = typer.Option(2, "--pose-chunks", help="With --pose: pieces per window, each shifted by its "
+                                                             "own random skip (the paper: 2)."),
+    mixed_windows: bool = typer.Option(False, "--mixed-windows/--no-mixed-windows",
+                                       help="LongRoPE2 mixed context windows: each row rotates as at its own length "
+                                            "(rows up to the trained length use longrope's short factors). "
+                                            "Length-dependent methods only."),
+    context_parallel: int = typer.Option(1, "--context-parallel", help="Split each sequence over N ranks "
+                                         "(under torchrun --nproc_per_node N); attention sees the whole prefix."),
+    cp_mode: str = typer.Option("zigzag", "--cp-mode", help="With --context-parallel: zigzag (load-balanced) or "
+                                                            "contiguous shards."),
     method_options: dict = None,
 ) -> None:
     """Fine-tune MODEL at --seq-len with RoPE scaling --method/--factor on packed documents from --data.
 
-    Runs data-parallel when started by torchrun (gloo on CPU, nccl on GPU).
+    Runs data-parallel when started by torchrun (gloo on CPU, nccl on GPU); with --context-parallel N, the N
+    processes share each sequence instead. With --pose, rows are --window tokens long and their position ids
+    reach --seq-len.
     """
     from ropekit.commands.common import (
         check_data_or_exit,
@@ -69,14 +85,26 @@ def finetune_command(
     from ropekit.training.finetune import FinetuneSettings, finetune, warmup_warning
 
     # Every check that needs no weights, before the model loads.
+    if window is not None and not pose:
+        error_exit("--window: only used with --pose")
+    if pose and window is None:
+        error_exit("--window: PoSE needs a window length (--pose --window W, 2 <= W < --seq-len)")
+    if pose and window >= seq_len:
+        error_exit(f"--window: must be smaller than --seq-len {seq_len} (PoSE trains short windows for a long "
+                   f"target), got {window}")
     try:
         settings = FinetuneSettings(
             seq_len=seq_len, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
             grad_accum=grad_accum, max_grad_norm=max_grad_norm or None, gradient_checkpointing=gradient_checkpointing,
             lora=lora, lora_rank=lora_rank, checkpoint_every=checkpoint_every, seed=seed, strategy=strategy,
+            pose=pose, window=window, pose_chunks=pose_chunks, mixed_windows=mixed_windows,
+            context_parallel=context_parallel, cp_mode=cp_mode,
         )
     except ValueError as exc:
         error_exit(_cli_message(str(exc)))
+    if context_parallel > 1 and _world_size() != context_parallel:
+        error_exit(f"--context-parallel: {context_parallel} needs exactly {context_parallel} processes "
+                   f"(torchrun --nproc_per_node {context_parallel} -m ropekit.cli finetune ...), got {_world_size()}")
     if eval_windows < 1:
         error_exit(f"--eval-windows: must be >= 1, got {eval_windows}")
     check_device_or_exit(device)
@@ -88,7 +116,10 @@ def finetune_command(
     elif not out.is_dir():
         error_exit(f"--resume: {out} does not exist; there is no run to resume")
     base_cfg, _ = model_rope_or_exit(model)
-    extend_or_exit(base_cfg, method, method_options)
+    extended = extend_or_exit(base_cfg, method, method_options)
+    if mixed_windows and not extended.length_dependent:
+        error_exit(f"--mixed-windows: needs a method whose rotation depends on the length (longrope, dynamic, "
+                   f"dynamic_yarn); --method {method} rotates every row alike")
     trained = base_cfg.original_max_position
     if trained is not None and seq_len < trained:
         error_exit(f"--seq-len: {seq_len} is shorter than the model's trained length {trained}; fine-tuning for a "
@@ -131,6 +162,12 @@ def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 # Library errors name fields; the CLI names options.
 FIELD_FLAGS = {"data": "--data", "out": "--out", "out_dir": "--out", "resume": "--resume", "device": "--device",
                "max_grad_norm": "--max-grad-norm", "eval_data": "--eval-data"}
@@ -140,5 +177,6 @@ def _cli_message(message: str) -> str:
     from ropekit.commands.common import cli_message, flags_for
 
     return cli_message(message, {**flags_for("seq_len", "steps", "lr", "warmup", "grad_accum", "batch_size",
-                                             "lora_rank", "checkpoint_every", "strategy", "weight_decay"),
+                                             "lora_rank", "checkpoint_every", "strategy", "weight_decay", "window",
+                                             "pose_chunks", "mixed_windows", "context_parallel", "cp_mode"),
                                  **FIELD_FLAGS})

@@ -37,6 +37,9 @@ def study_command(
     eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Held-out files per length."),
     passkey_samples: Optional[int] = typer.Option(None, "--passkey-samples", help="Passkey prompts per length."),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    pose_window: Optional[int] = typer.Option(None, "--pose-window", help="Also fine-tune YaRN with PoSE on windows "
+                                              "of this many bytes, same steps, and compare (default 256; quick 128; "
+                                              "0: skip)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Pretrain a small Llama-style model at a short length on the Python standard library, evaluate it at
@@ -53,7 +56,7 @@ def study_command(
                                      pretrain_lr=pretrain_lr, finetune_steps=finetune_steps,
                                      finetune_batch=finetune_batch, finetune_lr=finetune_lr,
                                      eval_windows=eval_windows, passkey_samples=passkey_samples,
-                                     seed=seed).items() if v is not None}
+                                     seed=seed, pose_window=pose_window).items() if v is not None}
     try:
         sizes = dataclasses.replace(QUICK if quick else StudySizes(), **chosen)
         names = tuple(m.strip() for m in methods.split(",") if m.strip())

@@ -136,6 +136,27 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def plain_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (a piece of a prompt)."""
+    return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+def special_prefix_ids(tokenizer) -> list[int]:
+    """The tokenizer's own leading special tokens (a BOS for Llama-style tokenizers; nothing for SmolLM2)."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    without = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
+
+
+def line_start_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """(m,) bool: token i starts a line (the token before it ends with a newline)."""
+    texts = tokenizer.batch_decode([[i] for i in ids.tolist()])
+    mask = torch.zeros(len(texts), dtype=torch.bool)
+    for i in range(1, len(texts)):
+        mask[i] = texts[i - 1].endswith("\n")
+    return mask
+
+
 @dataclass(frozen=True)
 class TokenWindow:
     """The first ``len(input_ids)`` tokens of document ``name``; ``input_ids`` is (length,) long."""

@@ -14,14 +14,12 @@ from typing import Sequence
 
 import torch
 
-from ropekit.evaluation.data import concatenated_tokens
+from ropekit.evaluation.data import concatenated_tokens, line_start_mask, plain_ids, special_prefix_ids
 from ropekit.evaluation.passkey import (
     DEFAULT_DEPTHS,
     PromptBuilder,
     RetrievalPrompt,
     RetrievalResult,
-    _ids,
-    _prefix_ids,
     check_depth,
     evaluate_retrieval,
 )
@@ -42,9 +40,9 @@ def needle_prompt(tokenizer, haystack_ids: torch.Tensor, length: int, depth: flo
     ``line_starts``: (m,) bool, True where a haystack token starts a line (insertion snaps back to one).
     """
     depth = check_depth(depth)
-    head = _prefix_ids(tokenizer) + _ids(tokenizer, INTRO)
-    needle_ids = _ids(tokenizer, "\n" + needle.strip() + "\n")
-    question_ids = _ids(tokenizer, "\n\n" + question.strip())
+    head = special_prefix_ids(tokenizer) + plain_ids(tokenizer, INTRO)
+    needle_ids = plain_ids(tokenizer, "\n" + needle.strip() + "\n")
+    question_ids = plain_ids(tokenizer, "\n\n" + question.strip())
     room = length - len(head) - len(needle_ids) - len(question_ids)
     if room < 1:
         raise ValueError(f"length: a needle prompt needs more than {length - room} tokens, got {length}")
@@ -60,16 +58,6 @@ def needle_prompt(tokenizer, haystack_ids: torch.Tensor, length: int, depth: flo
     start = len(head) + at
     return RetrievalPrompt(torch.tensor(ids, dtype=torch.long), answer, depth, start, start + len(needle_ids),
                            len(head), len(ids) - len(question_ids))
-
-
-def line_start_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
-    """(m,) bool: token i starts a line (the token before it ends with a newline)."""
-    pieces = tokenizer.convert_ids_to_tokens(ids.tolist())
-    texts = [tokenizer.convert_tokens_to_string([p]) for p in pieces]
-    mask = torch.zeros(len(texts), dtype=torch.bool)
-    for i in range(1, len(texts)):
-        mask[i] = texts[i - 1].endswith("\n")
-    return mask
 
 
 def needle_builder(tokenizer, documents, max_length: int, *, needle: str | None = None,

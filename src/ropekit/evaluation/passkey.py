@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ropekit.config import RopeConfig
+from ropekit.evaluation.data import plain_ids, special_prefix_ids
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
@@ -54,17 +55,6 @@ class RetrievalPrompt:
         return 0.0 if span <= 0 else (self.needle_start - self.context_start) / span
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-
-
-def _prefix_ids(tokenizer) -> list[int]:
-    """The tokenizer's own leading special tokens (a BOS for Llama-style tokenizers; nothing for SmolLM2)."""
-    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
-    without = tokenizer("x", add_special_tokens=False)["input_ids"]
-    return with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
-
-
 def check_depth(depth: float) -> float:
     if not 0.0 <= float(depth) <= 1.0:
         raise ValueError(f"depth: must be in [0, 1] (0 = start of the context, 1 = end), got {depth}")
@@ -75,10 +65,10 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> RetrievalP
     """A passkey prompt of exactly ``length`` tokens: whole filler sentences, the key sentence after
     ``round(depth * units)`` of them, the rest of the filler (its last sentence cut to fit), the question."""
     depth = check_depth(depth)
-    head = _prefix_ids(tokenizer) + _ids(tokenizer, INSTRUCTION)
-    unit = _ids(tokenizer, FILLER)
-    needle = _ids(tokenizer, KEY_SENTENCE.format(key=key))
-    question = _ids(tokenizer, QUESTION)
+    head = special_prefix_ids(tokenizer) + plain_ids(tokenizer, INSTRUCTION)
+    unit = plain_ids(tokenizer, FILLER)
+    needle = plain_ids(tokenizer, KEY_SENTENCE.format(key=key))
+    question = plain_ids(tokenizer, QUESTION)
     room = length - len(head) - len(needle) - len(question)
     units, spare = divmod(room, len(unit))
     if units < 1:

@@ -28,9 +28,11 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """CSV (RFC 4180: CRLF line ends, so a cell holding a bare CR or LF, e.g. a model's answer, is quoted and any
+    CSV reader gets the rows back)."""
     columns = list(columns or (rows[0].keys() if rows else []))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _cell(row.get(k)) for k in columns})
@@ -160,6 +162,127 @@ def plot_retrieval_grid(results: Sequence, path: str | Path, *, title: str = "re
     axes[0][0].set_ylabel("length")
     fig.suptitle(title, y=1.04)
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+    return _save(fig, plt, path)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style(i: int, plt) -> dict[str, Any]:
+    """Colour, marker and line style of series ``i``: lines that overlap stay distinguishable."""
+    colors = plt.get_cmap("tab10").colors
+    return {"color": colors[i % len(colors)], "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[(i // len(colors)) % len(LINESTYLES)]}
+
+
+def _kilo(x: float, _pos=None) -> str:
+    return f"{x / 1024:g}k" if x >= 1024 else f"{x:g}"
+
+
+def _token_axis(ax, end: int) -> None:
+    """x axis in tokens with about eight labelled ticks at round multiples of 1024."""
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
+
+    step = max(1024, 1024 * round(end / 8 / 1024)) if end >= 8192 else max(1, end // 8)
+    ax.xaxis.set_major_locator(MultipleLocator(step))
+    ax.xaxis.set_major_formatter(FuncFormatter(_kilo))
+    ax.set_xlim(0, end)
+
+
+def _shade_past(ax, trained_length: int | None, end: int, label: bool = True, top: bool = False) -> None:
+    if trained_length and trained_length < end:
+        ax.axvspan(trained_length, end, color="0.92", zorder=0)
+        ax.axvline(trained_length, color="0.4", linestyle="--", linewidth=1)
+        if label:
+            ax.text(trained_length, 0.98 if top else 0.02, f" past the trained length ({_kilo(trained_length)})",
+                    transform=ax.get_xaxis_transform(), color="0.3", va="top" if top else "bottom", fontsize=8)
+
+
+def plot_compare_perplexity(outcomes: Sequence, path: str | Path, *, trained_length: int, target_length: int,
+                            model_name: str) -> Path:
+    """Two panels over position: bucket perplexity (log), and each method's bucket perplexity relative to the
+    first-ranked method on a linear scale zoomed on the methods that hold up (the ones that bundle together in the
+    first panel separate there; methods more than 2x off are drawn clipped and marked "off scale")."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7.8), sharex=True)
+    ref = outcomes[0]
+    ratios = {o.label: [a / b for a, b in zip(o.bucket_ppl, ref.bucket_ppl)] for o in outcomes}
+    in_scale = [r for r in ratios.values() if max(r) <= 2.0 and min(r) >= 0.5]
+    low = min(min(r) for r in in_scale) if in_scale else 0.5
+    high = max(max(r) for r in in_scale) if in_scale else 2.0
+    pad = max(0.01, (high - low) * 0.08)
+    for i, o in enumerate(outcomes):
+        style = _style(i, plt)
+        axes[0].plot(o.bucket_end, o.bucket_ppl, markersize=4, linewidth=1.4,
+                     label=f"{o.label} ({fmt(o.ppl_target)})", **style)
+        off = not (max(ratios[o.label]) <= 2.0 and min(ratios[o.label]) >= 0.5)
+        axes[1].plot(o.bucket_end, [min(max(v, low - pad), high + pad) for v in ratios[o.label]], markersize=4,
+                     linewidth=1.4, alpha=0.5 if off else 1.0,
+                     label=f"{o.label}" + (" (off scale, clipped)" if off else ""), **style)
+    for k, ax in enumerate(axes):
+        _shade_past(ax, trained_length, target_length, label=k == 0)
+        ax.grid(True, which="both", alpha=0.3)
+        _token_axis(ax, target_length)
+    axes[0].set_yscale("log")
+    size = outcomes[0].bucket_end[1] - outcomes[0].bucket_end[0] if len(outcomes[0].bucket_end) > 1 else target_length
+    axes[0].set_ylabel(f"perplexity per {_kilo(size)}-token bucket")
+    axes[0].set_title(f"{model_name}: perplexity by position at {target_length} tokens")
+    axes[0].legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (ppl, all tokens)",
+                   title_fontsize=9)
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_ylim(low - pad, high + pad)
+    axes[1].set_ylabel(f"relative to {ref.label}\n(below 1 = better)")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1].set_xlabel("position of the predicted token (tokens)")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_retrieval_by_distance(outcomes: Sequence, path: str | Path, *, trained_length: int, target_length: int,
+                               model_name: str, bins: int = 4) -> Path:
+    """Retrieval accuracy against the distance from needle to question, per method, with 95% Wilson intervals
+    as error bars; the bins past the trained length shaded."""
+    from ropekit.evaluation.stats import wilson_interval
+
+    plt = _pyplot()
+    width = target_length / bins
+    fig, ax = plt.subplots(figsize=(11, 4.6))
+    methods = [o for o in outcomes if o.queries]
+    dodge = width * 0.7 / max(1, len(methods))
+    counts = [0] * bins
+    for i, o in enumerate(methods):
+        xs, ys, lows, highs = [], [], [], []
+        for b in range(bins):
+            cell = [q for q in o.queries if b * width <= q["distance"] < (b + 1) * width
+                    or (b == bins - 1 and q["distance"] >= target_length)]
+            if not cell:
+                continue
+            hits = sum(q["correct"] for q in cell)
+            lo, hi = wilson_interval(hits, len(cell))
+            p = hits / len(cell)
+            xs.append(b * width + width * 0.15 + dodge * (i + 0.5))
+            ys.append(p)
+            lows.append(p - lo)
+            highs.append(hi - p)
+            counts[b] = max(counts[b], len(cell))
+        style = _style(i, plt)
+        ax.errorbar(xs, ys, yerr=[lows, highs], fmt=style["marker"], color=style["color"], capsize=2, markersize=5,
+                    label=f"{o.label} ({o.retrieval_hits}/{o.retrieval_queries})")
+    _shade_past(ax, trained_length, target_length, top=True)
+    ax.set_xlim(0, target_length)
+    ax.set_xticks([(b + 0.5) * width for b in range(bins)],
+                  [f"{_kilo(b * width)}-{_kilo((b + 1) * width)}\nn = {counts[b]}" for b in range(bins)])
+    for b in range(1, bins):
+        ax.axvline(b * width, color="0.85", linewidth=0.8, zorder=0)
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_ylabel("needles retrieved (95% Wilson interval)")
+    ax.set_xlabel("distance from the needle to the question (tokens); n = queries per method")
+    ax.set_title(f"{model_name}: retrieval at {target_length} tokens by distance")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="method (found / asked)",
+              title_fontsize=9)
+    fig.tight_layout()
     return _save(fig, plt, path)
 
 

@@ -1,7 +1,8 @@
 """ropekit inside transformers models: families, loading, the RoPE patch, export.
 
-* ``families``: which model types ropekit patches (``SUPPORTED_FAMILIES``), their sin/cos layouts, where their
-  rotary and attention modules are (``locate``), ``TransformersStructureError``.
+* ``families``: any transformers model with a rotary module (``rope_families()`` lists the installed ones;
+  ``SUPPORTED_FAMILIES`` names the documented ones), found from its structure (``locate``, ``probe_tables``,
+  ``probe_functions``), ``model_layered_rope`` (per-layer RoPE), ``TransformersStructureError``.
 * ``load``: ``load_model`` (hub id, folder, ``.gguf``, ``"demo"``) -> ``LoadedModel``; ``check_model_source``
   (file-system checks that run first); device and dtype choice.
 * ``patch``: ``apply_rope(model, cfg, backend=...)`` -> ``RopePatch``; no process-wide state decides which
@@ -21,8 +22,11 @@ from ropekit.hf.families import (
     TransformersStructureError,
     check_family,
     check_rope_matches,
+    has_rope,
     iter_supported_families,
+    model_layered_rope,
     model_rope_config,
+    rope_families,
     transformers_version,
     unsupported_family_message,
 )
@@ -71,15 +75,18 @@ __all__ = [
     "check_family",
     "check_model_source",
     "check_rope_matches",
+    "has_rope",
     "demo_model_path",
     "export_model",
     "hf_config_for",
     "iter_supported_families",
     "load_model",
+    "model_layered_rope",
     "model_rope_config",
     "read_model_config",
     "resolve_device",
     "resolve_dtype",
+    "rope_families",
     "transformers_version",
     "unsupported_family_message",
 ]

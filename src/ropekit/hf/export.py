@@ -13,14 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ropekit.config import RopeConfig
+from ropekit.config import LayeredRope, RopeConfig
 from ropekit.hf.families import check_family
 from ropekit.hf.load import LoadedModel, resolve_dtype
 from ropekit.output import OutputDir
 
 
-def hf_config_for(model_config: Any, cfg: RopeConfig) -> dict[str, Any]:
+def hf_config_for(model_config: Any, cfg: RopeConfig | LayeredRope) -> dict[str, Any]:
     """The model's config dict with ``cfg`` written the way transformers reads it back.
+
+    A ``LayeredRope`` with one RoPE per layer type (Gemma 3/4) is written as ``rope_parameters`` {type: params}
+    (Gemma 3's older top-level ``rope_scaling`` / ``rope_local_base_freq`` removed, so that nothing overrides it);
+    one whose layers share a RoPE as that RoPE. A multimodal config gets it in its ``text_config``.
 
     Writes ``rope_parameters`` (transformers >= 5) and ``rope_scaling`` plus top-level ``rope_theta`` (older
     transformers), ``max_position_embeddings``, ``partial_rotary_factor`` where the family has partial rotary
@@ -35,6 +39,23 @@ def hf_config_for(model_config: Any, cfg: RopeConfig) -> dict[str, Any]:
     else:
         raise ValueError(f"model_config: expected a config dict or a transformers config, "
                          f"got {type(model_config).__name__}")
+    text = d.get("text_config")
+    if isinstance(text, dict) and not any(d.get(k) is not None for k in ("rope_parameters", "rope_scaling",
+                                                                          "rope_theta", "hidden_size")):
+        inner = hf_config_for({**text, "model_type": text.get("model_type") or d.get("model_type")}, cfg)
+        d["text_config"] = inner
+        return d
+    if isinstance(cfg, LayeredRope):
+        current_layers = LayeredRope.from_hf(d)
+        if set(cfg.types) != set(current_layers.types):
+            raise ValueError(f"cfg: layer types {', '.join(cfg.types)} differ from the config's "
+                             f"{', '.join(current_layers.types)}")
+        if not current_layers.per_type:
+            if cfg.single is None:
+                raise ValueError("cfg: several RoPEs, but this model has one RoPE for all layers")
+            cfg = cfg.single
+        else:
+            return _per_type_config(d, current_layers, cfg)
     family = check_family(d.get("model_type"))
     current = RopeConfig.from_hf(d)
     for name in ("head_dim", "rotary_dim", "layout"):
@@ -84,9 +105,33 @@ def hf_config_for(model_config: Any, cfg: RopeConfig) -> dict[str, Any]:
     return d
 
 
+def _per_type_config(d: dict[str, Any], current: LayeredRope, cfg: LayeredRope) -> dict[str, Any]:
+    """``d`` with one rope_parameters per layer type (the form transformers >= 5 reads for Gemma 3/4)."""
+    for key in cfg.types:
+        for name in ("head_dim", "rotary_dim", "layout"):
+            if getattr(current[key], name) != getattr(cfg[key], name):
+                raise ValueError(f"cfg.{name}: the model's {key} layers have {name}="
+                                 f"{getattr(current[key], name)!r}, the RopeConfig says {getattr(cfg[key], name)!r}")
+    hf = cfg.to_hf()
+    params = {k: v for k, v in (d.get("rope_parameters") or {}).items() if k not in cfg.types}
+    for key in cfg.types:
+        typed = dict(hf["rope_parameters"][key])
+        if typed.get("rope_type") == "llama3":
+            typed.setdefault("low_freq_factor", 1.0)
+            typed.setdefault("high_freq_factor", 4.0)
+        params[key] = typed
+    d["rope_parameters"] = params
+    d["rope_scaling"] = None  # Gemma 3 would apply an old rope_scaling over the full layers' parameters
+    d.pop("rope_local_base_freq", None)
+    d.pop("rope_theta", None)
+    if hf.get("max_position_embeddings") is not None:
+        d["max_position_embeddings"] = max(int(hf["max_position_embeddings"]), int(d.get("max_position_embeddings") or 0))
+    return d
+
+
 def export_model(
     loaded_or_model: LoadedModel | nn.Module,
-    cfg: RopeConfig,
+    cfg: RopeConfig | LayeredRope,
     out_dir: str | Path,
     tokenizer: Any = None,
     *,
@@ -115,8 +160,8 @@ def export_model(
         tokenizer = tokenizer if tokenizer is not None else loaded_or_model.tokenizer
     else:
         model = loaded_or_model
-    if not isinstance(cfg, RopeConfig):
-        raise ValueError(f"cfg: expected a RopeConfig, got {type(cfg).__name__}")
+    if not isinstance(cfg, (RopeConfig, LayeredRope)):
+        raise ValueError(f"cfg: expected a RopeConfig or LayeredRope, got {type(cfg).__name__}")
     hf_config_for(model.config, cfg)  # fail before writing anything
     target_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
     with OutputDir(out_dir, command="export", option="out_dir", overwrite=overwrite) as out:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ropekit.config import RopeConfig
+from ropekit.config import LayeredRope, RopeConfig, warn_once
 from ropekit.hf.families import check_family, check_rope_matches
 
 DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,7 +61,8 @@ class LoadedModel:
     Attributes:
         model: the ``transformers`` causal LM, in eval mode, on ``device``.
         tokenizer: its tokenizer.
-        rope: the model's RoPE as trained (``RopeConfig``).
+        rope: the model's RoPE as trained: a ``RopeConfig``, or a ``LayeredRope`` for a model with one RoPE per
+            layer type or layers without RoPE.
         family: ``model.config.model_type`` (one of ``SUPPORTED_FAMILIES``).
         source: what was asked for (hub id, folder or .gguf path, or "demo").
         device: where the weights live.
@@ -70,7 +71,7 @@ class LoadedModel:
 
     model: Any
     tokenizer: Any
-    rope: RopeConfig
+    rope: RopeConfig | LayeredRope
     family: str
     source: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -262,6 +263,69 @@ def check_model_source(source: str | Path | None, gguf_file: str | None = None) 
     _check_model_folder(path)
 
 
+# GGUF architectures without rotary embeddings (learned or ALiBi positions).
+GGUF_NO_ROPE_ARCHS = {"gpt2", "bloom", "mpt", "starcoder", "refact", "bert", "nomic-bert", "jina-bert-v2", "t5",
+                      "t5encoder", "mamba", "rwkv6", "jais"}
+# Config keys that show a model has RoPE, for families ropekit cannot patch but can still inspect.
+ROPE_CONFIG_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_pct", "rotary_dim", "rotary_emb_base",
+                    "partial_rotary_factor")
+
+
+def rope_from_source(source: str | Path | None) -> tuple[RopeConfig, str]:
+    """(RopeConfig, display name) of a model source, from its config or GGUF file only (no weights).
+
+    ``source``: None or "demo" (the bundled SmolLM2), a ``config.json``, a folder holding one (or a single
+    .gguf), a ``.gguf`` file (its RoPE metadata and factor tensors, ``RopeConfig.from_gguf``), or a hub id.
+    Raises FileNotFoundError / ValueError with a one-line message naming the source.
+    """
+    from ropekit.config import read_gguf_metadata
+    from ropekit.hf.families import NO_ROPE_FAMILIES, SUPPORTED_FAMILIES, unsupported_family_message
+
+    if source is None or str(source) == "demo":
+        return RopeConfig.from_gguf(demo_model_path()), "SmolLM2-135M-Instruct (demo)"
+    path = Path(str(source)).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise FileNotFoundError(f"model folder {source} has no config.json"
+                                    + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else ""))
+        path = ggufs[0]
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model not found: {source} (no such file)")
+        try:
+            meta = read_gguf_metadata(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, struct.error... on a damaged file
+            raise ValueError(f"model {source}: not a readable GGUF file ({_first_line(exc)})") from None
+        arch = meta.get("general.architecture")
+        if arch in GGUF_NO_ROPE_ARCHS:
+            raise ValueError(f"model architecture {arch!r} has no rotary position embeddings (RoPE)")
+        return RopeConfig.from_gguf(path), meta.get("general.name") or path.stem
+    if not path.exists() and _looks_like_path(str(source)):
+        raise FileNotFoundError(f"model not found: {source} (no such file or folder)")
+    try:
+        config = read_model_config(path if path.exists() else source)
+    except OSError as exc:
+        raise FileNotFoundError(f"model not found: {source!r} is not a local file or folder, and its config "
+                                f"could not be fetched from the Hugging Face hub ({_first_line(exc)})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object (a model's config.json)")
+    model_type = config.get("model_type")
+    if model_type in NO_ROPE_FAMILIES or (model_type not in SUPPORTED_FAMILIES
+                                          and not any(k in config for k in ROPE_CONFIG_KEYS)):
+        raise ValueError(unsupported_family_message(model_type))
+    if path.suffix == ".json":
+        fallback = path.parent.resolve().name if path.name == "config.json" else path.stem
+    else:
+        fallback = path.name
+    name = config.get("_name_or_path") or fallback or str(source)
+    return RopeConfig.from_hf(config), f"{name} ({model_type})" if model_type else name
+
+
 class DropRecords(logging.Filter):
     """Drops log records whose message contains any of ``phrases`` (attached to named loggers only)."""
 
@@ -334,6 +398,11 @@ def load_model(
     The tokenizer's "sequence length is longer than the specified maximum" warning is marked as given (ropekit
     goes past the trained length on purpose); GGUF sources load without transformers' notes about quantized
     weights (ropekit always dequantizes them to ``dtype``).
+
+    A GGUF's ``rope`` is read as llama.cpp runs the file (``RopeConfig.from_gguf``: scaling keys, ``rope_freqs``,
+    ``rope_factors_long/short``). transformers' GGUF loader reads only the base of most architectures, so the
+    bare model rotates plainly; ropekit's evaluations apply ``rope`` themselves, and a UserWarning says so when
+    the two differ.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -375,8 +444,14 @@ def load_model(
     if is_gguf:
         gguf_path = Path(folder) / name
         rope = RopeConfig.from_gguf(gguf_path) if gguf_path.is_file() else RopeConfig.from_hf(model.config)
+        if rope.is_scaled and not RopeConfig.from_hf(model.config).is_scaled:
+            warn_once(f"{label}: the GGUF file's RoPE is {rope.method!r} scaling, which transformers' GGUF loader "
+                      f"does not read: the bare model rotates plainly; ropekit applies LoadedModel.rope itself "
+                      f"(apply_rope(model, loaded.rope) does it for your own code)")
     else:
-        rope = RopeConfig.from_hf(model.config)
+        # One RoPE for most models; Gemma 2/3/4-style models have one per layer type (and NoPE layers).
+        layered = LayeredRope.from_hf(model.config)
+        rope = layered.single if layered.single is not None else layered  # NoPE layers: the patch skips them
     check_rope_matches(model, rope)
     return LoadedModel(model=model, tokenizer=tokenizer, rope=rope, family=family, source=label, device=dev,
                        dtype=torch_dtype)

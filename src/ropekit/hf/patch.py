@@ -33,6 +33,7 @@ length instead. Methods that do not depend on the length never inspect the cache
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import threading
@@ -44,12 +45,17 @@ import torch
 from torch import nn
 
 import ropekit
-from ropekit.config import RopeConfig
+from ropekit.config import LayeredRope, RopeConfig, hf_mrope_section
 from ropekit.hf.families import (
     Located,
+    Tables,
     check_family,
     check_rope_matches,
+    expand_tables,
     locate,
+    model_layered_rope,
+    probe_functions,
+    probe_tables,
     structure_error,
 )
 from ropekit.hf.load import DropRecords
@@ -67,33 +73,79 @@ LENGTH_PHRASES = ("exceeded the model's predefined maximum length",)
 class RotaryCall:
     """One forward's rotation, carried by the tables the adapter returned to the router.
 
-    Attributes: ``freqs`` (``ropekit.Frequencies``), ``positions`` ((batch|1, seq) int64), ``backend``,
-    ``rotations`` (how many times the router rotated with it: the patch checks every attention did).
+    Attributes: ``positions`` ((batch|1, seq) int64), ``backend``, ``patch`` (whose RoPEs and sequence state
+    it uses), ``freqs`` (the frequencies of the patch's main RoPE; ``freqs_for(key)`` for a layer type's),
+    ``rotations`` (how many tensors the router rotated with it).
     """
 
-    __slots__ = ("backend", "freqs", "positions", "rotations")
+    __slots__ = ("_freqs", "backend", "patch", "positions", "rotations")
 
-    def __init__(self, freqs, positions: torch.Tensor, backend: str) -> None:
-        self.freqs = freqs
+    def __init__(self, patch: RopePatch, positions: torch.Tensor, backend: str) -> None:
+        self.patch = patch
         self.positions = positions
         self.backend = backend
         self.rotations = 0
+        self._freqs: dict[str, Any] = {}
 
-    def rotate_qk(self, q, k, cos=None, sin=None, *rest, unsqueeze_dim=1, **kwargs):
-        """Rotate-half families: ``apply_rotary_pos_emb(q, k, cos, sin[, position_ids], unsqueeze_dim=1)``."""
-        # Older releases put an unused position_ids before unsqueeze_dim: the int among the rest is the axis.
-        unsqueeze_dim = next((r for r in rest if isinstance(r, int)), unsqueeze_dim)
-        if unsqueeze_dim not in (1, 2):
-            raise ValueError(f"unsqueeze_dim: {unsqueeze_dim!r} is neither 1 (heads first) nor 2 (heads last)")
-        self.rotations += 1
-        return ropekit.apply_rotary(q, k, self.freqs, self.positions, heads_first=unsqueeze_dim == 1,
-                                    backend=self.backend)
+    def freqs_for(self, key: str):
+        """The frequencies of RoPE ``key`` for this forward (its sequence state: frozen length, ...)."""
+        if key not in self._freqs:
+            self._freqs[key] = self.patch._frequencies(key, self.positions)
+        return self._freqs[key]
 
-    def rotate_one(self, tensor, sin=None, cos=None, *args, **kwargs):
-        """GPT-J: ``apply_rotary_pos_emb(x, sin, cos)`` on (batch, seq, heads, rotary_dim)."""
-        self.rotations += 1
-        return ropekit.apply_rotary(tensor, None, self.freqs, self.positions, heads_first=False,
-                                    backend=self.backend)[0]
+    @property
+    def freqs(self):
+        return self.freqs_for(self.patch.main_key)
+
+    def rotate(self, name: str, heads_first_default: bool | None, *args, **kwargs):
+        """Rotate what a routed function was called with: ``(q, k, tables..., [unsqueeze_dim])`` or
+        ``(x, tables...)`` (GPT-J, gpt-oss' inner function): the tensors before the first table."""
+        values = list(args)
+        first_table = next(i for i, v in enumerate(values) if call_of(v) is not None) \
+            if any(call_of(v) is not None for v in values) else len(values)
+        tensors = [v for v in values[:first_table] if isinstance(v, torch.Tensor)]
+        for key in ("q", "k", "x", "xq", "xk", "query", "key", "tensor"):
+            if key in kwargs and isinstance(kwargs[key], torch.Tensor):
+                tensors.append(kwargs[key])
+        if not 1 <= len(tensors) <= 2:
+            raise structure_error(self.patch.family, f"{name} was called with {len(tensors)} tensors to rotate")
+        unsqueeze = kwargs.get("unsqueeze_dim")
+        if unsqueeze is None:
+            # Older releases put an unused position_ids before unsqueeze_dim: the int among the rest is the axis.
+            unsqueeze = next((v for v in values[first_table:] if isinstance(v, int) and not isinstance(v, bool)),
+                             None)
+        pairing = self.patch._located.functions.get(name)
+        if pairing is None and self.patch._located.functions:
+            raise structure_error(self.patch.family, f"{name} rotates in a way ropekit's probe did not recognise "
+                                                     f"(neither rotate-half nor interleaved pairs)")
+        if pairing is not None:
+            heads_first_default = pairing.heads_first
+        heads_first = _heads_first(tensors[0], self.positions, unsqueeze, heads_first_default)
+        layer = self.patch._current_layer()
+        key = self.patch._key_for_layer(layer)
+        self.rotations += len(tensors)
+        self.patch._note_rotation(layer)
+        q = tensors[0]
+        k = tensors[1] if len(tensors) == 2 else None
+        freqs = self.freqs_for(key)
+        if pairing is not None and pairing.layout != freqs.layout:
+            # The function the attention called pairs channels its own way (transformers' code decides).
+            freqs = dataclasses.replace(freqs, layout=pairing.layout)
+        out = ropekit.apply_rotary(q, k, freqs, self.positions, heads_first=heads_first, backend=self.backend)
+        return out if k is not None else out[0]
+
+
+def _heads_first(tensor: torch.Tensor, positions: torch.Tensor, unsqueeze: int | None, default: bool | None) -> bool:
+    """Whether ``tensor`` is (batch, heads, seq, dim) (True) or (batch, seq, heads, dim) (False)."""
+    if unsqueeze is not None:
+        if unsqueeze not in (1, 2):
+            raise ValueError(f"unsqueeze_dim: {unsqueeze!r} is neither 1 (heads first) nor 2 (heads last)")
+        return unsqueeze == 1
+    seq = positions.shape[-1]
+    first, last = tensor.dim() == 4 and tensor.shape[2] == seq, tensor.dim() == 4 and tensor.shape[1] == seq
+    if first != last:
+        return first
+    return True if default is None else default
 
 
 def call_of(tables: Any) -> RotaryCall | None:
@@ -102,64 +154,88 @@ def call_of(tables: Any) -> RotaryCall | None:
 
 
 class RopekitRotaryAdapter(nn.Module):
-    """Stands in for a model's ``*RotaryEmbedding`` module; holds no parameters or buffers.
+    """Stands in for one of a model's ``*RotaryEmbedding`` modules; holds no parameters or buffers.
 
-    ``forward(x, position_ids)`` returns, for rotate-half families, full-size float32 ``(cos, sin)``
-    (batch, seq, rotary_dim) as ``cat(c, c)``; for GPT-J its ``(sin, cos)``, each (batch, seq, rotary_dim/2).
-    The values are ropekit's (float64 angles rounded once), so code reading them sees the right tables; the
-    router rotates from the ``RotaryCall`` they carry.
+    ``forward(x, position_ids[, layer_type])`` returns ropekit's tables (float64 angles rounded once to float32)
+    in the form the replaced module had (``Tables``: rotate-half ``cat(c, c)``, interleaved, half size, GPT-J's
+    ``(sin, cos)``, complex), for the RoPE of ``layer_type`` (or the one the replaced module served), so code
+    reading them sees the right values; the router rotates from the ``RotaryCall`` they carry.
     """
 
-    def __init__(self, patch: RopePatch, gptj_order: bool) -> None:
+    def __init__(self, patch: RopePatch, tables: dict[str | None, Tables], key: str | None,
+                 replaced: nn.Module | None = None) -> None:
         super().__init__()
         self.patch = patch
-        self.gptj_order = gptj_order
+        self.tables = tables
+        self.key = key
+        # Plain attributes the decoder may read off its rotary module (Granite-SWA keys its tables by
+        # config.rope_parameters["rope_theta"]; Gemma 3 reads layer_types).
+        for name in ("config", "layer_types", "rope_type"):
+            value = getattr(replaced, name, None)
+            if value is not None and not isinstance(value, (nn.Module, torch.Tensor)):
+                object.__setattr__(self, name, value)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, layer_type: str | None = None):
+    @property
+    def gptj_order(self) -> bool:
+        return any(t.sin_first for t in self.tables.values())
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, layer_type: str | None = None,
+                **kwargs):
         if position_ids is None:
             raise ValueError("position_ids: required by the ropekit rotary adapter")
+        if position_ids.dim() > 2:
+            raise ValueError(f"position_ids: {tuple(position_ids.shape)}: 3-D (t, h, w) positions (M-RoPE) reach "
+                             f"the rotary module; ropekit's patch rotates 1-D positions only")
         call = self.patch._call_for(position_ids)
-        cos, sin = ropekit.cos_sin(call.freqs, call.positions, dtype=torch.float32)
-        tables = (sin, cos) if self.gptj_order else (torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1))
-        for t in tables:
+        key = layer_type if layer_type in self.patch.ropes else (self.key or self.patch.main_key)
+        tables = self.tables.get(layer_type, self.tables.get(None) or next(iter(self.tables.values())))
+        freqs = call.freqs_for(key)
+        cos, sin = ropekit.cos_sin(freqs, call.positions, dtype=torch.float32)
+        out = expand_tables(cos, sin, tables)
+        for t in ([out] if isinstance(out, torch.Tensor) else out):
             t.ropekit_call = call
-        return tables
+        return out
 
     def extra_repr(self) -> str:
         return f"ropekit {self.patch.rope.extra_repr()}, backend={self.patch.backend}"
 
 
-def _install_router(module, rotate: Callable[..., Any], patch: RopePatch) -> None:
-    """Route ``module.apply_rotary_pos_emb`` through ropekit for tables carrying a RotaryCall; count ``patch``
-    as a user of the router (installed by the first user, removed after the last by ``_release_router``)."""
-    current = module.apply_rotary_pos_emb
+def _install_router(module, name: str, patch: RopePatch) -> None:
+    """Route ``module.<name>`` through ropekit for tables carrying a RotaryCall; count ``patch`` as a user of
+    the router (installed by the first user, removed after the last by ``_release_router``)."""
+    current = getattr(module, name)
     users = getattr(current, "ropekit_users", None)
     if users is None:
         original = current
+        try:
+            params = inspect.signature(original).parameters
+            default = params["unsqueeze_dim"].default == 1 if "unsqueeze_dim" in params else None
+        except (TypeError, ValueError):  # pragma: no cover - a builtin
+            default = None
 
-        def apply_rotary_pos_emb(*args, **kwargs):
+        def routed(*args, **kwargs):
             for value in (*args, *kwargs.values()):
                 call = call_of(value)
                 if call is not None:
-                    return rotate(call, *args, **kwargs)
+                    return call.rotate(name, default, *args, **kwargs)
             return original(*args, **kwargs)
 
-        apply_rotary_pos_emb.__name__ = getattr(original, "__name__", "apply_rotary_pos_emb")
-        apply_rotary_pos_emb.__doc__ = getattr(original, "__doc__", None)
-        apply_rotary_pos_emb.__wrapped__ = original  # type: ignore[attr-defined]
-        users = apply_rotary_pos_emb.ropekit_users = weakref.WeakSet()  # type: ignore[attr-defined]
-        module.apply_rotary_pos_emb = apply_rotary_pos_emb
+        routed.__name__ = getattr(original, "__name__", name)
+        routed.__doc__ = getattr(original, "__doc__", None)
+        routed.__wrapped__ = original  # type: ignore[attr-defined]
+        users = routed.ropekit_users = weakref.WeakSet()  # type: ignore[attr-defined]
+        setattr(module, name, routed)
     users.add(patch)
 
 
-def _release_router(module, patch: RopePatch) -> None:
-    current = module.apply_rotary_pos_emb
+def _release_router(module, name: str, patch: RopePatch) -> None:
+    current = getattr(module, name)
     users = getattr(current, "ropekit_users", None)
     if users is None:
         return  # someone replaced it since: theirs stays
     users.discard(patch)
     if not users:
-        module.apply_rotary_pos_emb = current.__wrapped__
+        setattr(module, name, current.__wrapped__)
 
 
 def _cache_index(forward: Callable) -> dict[str, int]:
@@ -188,28 +264,36 @@ class RopePatch:
 
     Attributes:
         model: the patched model.
-        config: the ``RopeConfig`` in use.
-        rope: the ``ropekit.RotaryEmbedding`` holding the frequencies and the frozen length.
+        config: the ``RopeConfig`` in use (the main one: the single RoPE, else that of the full-attention layers).
+        layered: every layer's RoPE (``LayeredRope``); layers without RoPE are left alone.
+        ropes: {layer type: ``ropekit.RotaryEmbedding``} holding each RoPE's frequencies and frozen length.
+        rope: the main one of ``ropes``.
         backend: the rotation backend ("auto", "reference", "cpu", "triton").
         family: the model's ``model_type``.
     """
 
-    def __init__(self, model: nn.Module, cfg: RopeConfig, rope: ropekit.RotaryEmbedding, located: Located,
-                 backend: str) -> None:
+    def __init__(self, model: nn.Module, layered: LayeredRope, ropes: dict[str, ropekit.RotaryEmbedding],
+                 located: Located, backend: str) -> None:
         self.model = model
-        self.config = cfg
-        self.rope = rope
+        self.layered = layered
+        self.ropes = ropes
+        self.main_key = _main_key(layered)
+        self.config = layered[self.main_key]
+        self.rope = ropes[self.main_key]
         self.backend = backend
         self.family = located.family.model_type
         self._located = located
-        self.adapter = RopekitRotaryAdapter(self, gptj_order=located.family.tables == "gptj")
+        self.adapters: list[RopekitRotaryAdapter] = [
+            RopekitRotaryAdapter(self, located.tables[id(child)], located.rotary_keys.get(id(child)), child)
+            for _, _, child in located.rotary]
+        self.adapter = self.adapters[0]
         self._fixed_length: int | None = None
         self._next_sequence: tuple[int | None] | None = None  # set by begin_sequence: (length,)
-        self._forward = threading.local()  # .call: this thread's current forward, for the check after it
+        self._forward = threading.local()  # .call, .layer, .rotated: this thread's current forward
         self._handles: list = []
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self._length_filter: DropRecords | None = None
-        self._routed = False
+        self._routed: list[str] = []
         self._active = False
 
     # ------------------------------------------------------------------ public
@@ -226,10 +310,11 @@ class RopePatch:
         """Take length-dependent scales at ``seq_len`` for every sequence (None: each prefill's own length)."""
         self._fixed_length = _check_length("seq_len", seq_len)
         self._next_sequence = None
-        self.rope.begin_sequence(self._fixed_length)
+        for rope in self.ropes.values():
+            rope.begin_sequence(self._fixed_length)
 
     def remove(self) -> None:
-        """Restore the model's own rotary modules and transformers' ``apply_rotary_pos_emb``."""
+        """Restore the model's own rotary modules and transformers' functions."""
         if not (self._active or self._replaced or self._handles or self._routed):
             return
         for parent, name, original in reversed(self._replaced):
@@ -238,9 +323,9 @@ class RopePatch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._routed:
-            _release_router(self._located.module, self)
-            self._routed = False
+        for name in self._routed:
+            _release_router(self._located.module, name, self)
+        self._routed.clear()
         if self._length_filter is not None:
             for name in LENGTH_LOGGERS:
                 logging.getLogger(name).removeFilter(self._length_filter)
@@ -260,12 +345,13 @@ class RopePatch:
 
     # ------------------------------------------------------------------ per forward
     def _start_sequence_if_due(self, module: nn.Module, args: tuple, kwargs: dict, cache_index: dict) -> None:
-        rope = self.rope
-        if not rope.length_dependent or rope.dynamic_policy != "freeze":
+        dependent = [r for r in self.ropes.values() if r.length_dependent and r.dynamic_policy == "freeze"]
+        if not dependent:
             return  # nothing to decide: no cache inspection, no device read
         if self._next_sequence is not None:
             (length,), self._next_sequence = self._next_sequence, None
-            rope.begin_sequence(length if length is not None else self._fixed_length)
+            for rope in dependent:
+                rope.begin_sequence(length if length is not None else self._fixed_length)
             return
         present = [name for name in CACHE_ARGUMENTS if name in kwargs]
         if present:
@@ -274,37 +360,77 @@ class RopePatch:
             index = next((i for name, i in cache_index.items() if i < len(args)), None)
             cache = None if index is None else args[index]
         if _cached_tokens(cache) == 0:
-            rope.begin_sequence(self._fixed_length)  # a prefill: the length comes with it (or is fixed)
+            for rope in dependent:
+                rope.begin_sequence(self._fixed_length)  # a prefill: the length comes with it (or is fixed)
 
     def _call_for(self, position_ids: torch.Tensor) -> RotaryCall:
-        """This forward's RotaryCall: positions (batch|1, seq) and the frequencies the sequence state picks."""
+        """This forward's RotaryCall (one per forward, shared by every rotary module and layer type)."""
         positions = position_ids if position_ids.dim() == 2 else position_ids.reshape(1, -1)
-        rope = self.rope
+        call = getattr(self._forward, "call", None)
+        if call is not None and (call.positions is positions or call.positions is position_ids):
+            return call
+        call = RotaryCall(self, positions, self.backend)
+        self._forward.call = call
+        return call
+
+    def _frequencies(self, key: str, positions: torch.Tensor):
+        rope = self.ropes[key]
         seq_len = None
         if rope.length_dependent:
             fixed = self._fixed_length if rope.dynamic_policy == "recompute" else None
             seq_len = rope.resolve_seq_len(positions, fixed)  # "freeze": read once per sequence, if not given
-        call = RotaryCall(rope.frequencies(seq_len, positions.device), positions, self.backend)
-        self._forward.call = call
-        return call
+        return rope.frequencies(seq_len, positions.device)
+
+    def _current_layer(self) -> int | None:
+        return getattr(self._forward, "layer", None)
+
+    def _key_for_layer(self, layer: int | None) -> str:
+        layers = self.layered.layers
+        if layer is None or not layers:
+            if len(self.ropes) == 1:
+                return self.main_key
+            raise structure_error(self.family, "q and k were rotated outside an attention module, so ropekit "
+                                               "cannot tell which layer type's RoPE applies")
+        if layer >= len(layers):
+            raise structure_error(self.family, f"layer {layer} is past the config's {len(layers)} layers")
+        key = layers[layer]
+        if key is None:
+            raise structure_error(self.family, f"layer {layer} rotates q and k, but ropekit reads it from the config "
+                                               f"as a layer without RoPE")
+        return key
+
+    def _note_rotation(self, layer: int | None) -> None:
+        rotated = getattr(self._forward, "rotated", None)
+        if rotated is not None and layer is not None:
+            rotated.add(layer)
+
+    def _expected_layers(self) -> set[int]:
+        located = self._located
+        present = set(located.layer_of.values())
+        if self.layered.layers:
+            return {i for i in self.layered.rope_layers if i in present}
+        return present
 
     def _check_rotated(self) -> None:
-        call, attentions = getattr(self._forward, "call", None), self._located.attentions
-        if call is None or call.rotations < len(attentions):
-            attn = type(attentions[0]).__name__
+        call = getattr(self._forward, "call", None)
+        rotated = getattr(self._forward, "rotated", set())
+        missing = sorted(self._expected_layers() - rotated)
+        if call is None or missing:
+            attn = type(self._located.attentions[0]).__name__
+            where = f" (layers {', '.join(map(str, missing[:8]))})" if missing and call is not None else ""
             raise structure_error(self.family, f"{attn}.forward did not call {self._located.module.__name__}"
-                                               f".apply_rotary_pos_emb, so ropekit could not rotate q and k")
+                                               f".apply_rotary_pos_emb{where}, so ropekit could not rotate q and k")
 
     # ------------------------------------------------------------------ installation
     def _install(self) -> None:
         located = self._located
-        rotate = RotaryCall.rotate_one if located.family.tables == "gptj" else RotaryCall.rotate_qk
         try:
-            _install_router(located.module, rotate, self)
-            self._routed = True
+            for name in located.routed:
+                _install_router(located.module, name, self)
+                self._routed.append(name)
             owners: list[nn.Module] = []
-            for parent, name, child in located.rotary:
-                setattr(parent, name, self.adapter)
+            for (parent, name, child), adapter in zip(located.rotary, self.adapters):
+                setattr(parent, name, adapter)
                 self._replaced.append((parent, name, child))
                 if all(parent is not o for o in owners):
                     owners.append(parent)
@@ -314,6 +440,12 @@ class RopePatch:
                     lambda module, args, kwargs, index=index: self._before_forward(module, args, kwargs, index),
                     with_kwargs=True))
                 self._handles.append(owner.register_forward_hook(lambda module, args, output: self._check_rotated()))
+            for attention in located.attentions:
+                layer = located.layer_of.get(id(attention))
+                self._handles.append(attention.register_forward_pre_hook(
+                    lambda module, args, layer=layer: setattr(self._forward, "layer", layer)))
+                self._handles.append(attention.register_forward_hook(
+                    lambda module, args, output: setattr(self._forward, "layer", None)))
             self._length_filter = DropRecords(LENGTH_PHRASES)
             for name in LENGTH_LOGGERS:
                 logging.getLogger(name).addFilter(self._length_filter)
@@ -324,7 +456,15 @@ class RopePatch:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict, cache_index: dict) -> None:
         self._forward.call = None
+        self._forward.layer = None
+        self._forward.rotated = set()
         self._start_sequence_if_due(module, args, kwargs, cache_index)
+
+
+def _main_key(layered: LayeredRope) -> str:
+    """The RoPE a patch reports as its ``config``: the single one, else the first full-attention type's."""
+    full = layered.default_extend_types()
+    return full[0] if full else layered.types[0]
 
 
 def _check_length(name: str, value: int | None) -> int | None:
@@ -349,23 +489,29 @@ def _check_backend(backend: str, cfg: RopeConfig, model: nn.Module, rope: ropeki
         raise ValueError(f"backend: {backend!r} cannot rotate this model's q and k ({device}, {dtype}): {exc}") from None
 
 
-def apply_rope(model: nn.Module, cfg: RopeConfig, *, backend: str = "auto",
+def apply_rope(model: nn.Module, cfg: RopeConfig | LayeredRope, *, backend: str = "auto",
                dynamic_policy: str = "freeze") -> RopePatch:
     """Make ``model`` rotate q and k with ropekit and ``cfg`` (the model's code and weights are untouched).
 
     Args:
-        model: a transformers causal LM (or its base model) of a family in ``SUPPORTED_FAMILIES``.
-        cfg: the RoPE to use; its head_dim, rotary_dim and layout must match the model's (start from
-            ``LoadedModel.rope`` or ``RopeConfig.from_hf(model.config)``).
+        model: a transformers causal LM (or its base model) with RoPE: any family whose decoder has a
+            ``*RotaryEmbedding`` module whose tables ropekit reads the same from the config (``ropekit.hf.families``).
+        cfg: the RoPE to use: a ``RopeConfig`` for a model with one RoPE (its NoPE layers stay without), or a
+            ``LayeredRope`` (one RoPE per layer type, Gemma 3/4); its head_dim, rotary_dim and layout must match
+            the model's (start from ``LoadedModel.rope``, ``RopeConfig.from_hf(model.config)`` or
+            ``LayeredRope.from_hf(model.config)``).
         backend: "auto" (the fused CPU pass for large CPU inputs, Triton on CUDA, else the reference),
             "reference", "cpu" or "triton" (``ropekit.apply_rotary``); one that cannot run on the model's
             device and dtype is a ValueError here.
         dynamic_policy: "freeze" (default) or "recompute" for length-dependent methods (module docstring).
     Returns:
         A ``RopePatch`` (also a context manager). The model's config is not changed (see ``export_model``).
+    Raises:
+        ValueError: a model without RoPE, a cfg of another geometry, or (``TransformersStructureError``) a model
+            whose rotary module or attention ropekit cannot follow, with the reason.
     """
-    if not isinstance(cfg, RopeConfig):
-        raise ValueError(f"cfg: expected a RopeConfig, got {type(cfg).__name__}")
+    if not isinstance(cfg, (RopeConfig, LayeredRope)):
+        raise ValueError(f"cfg: expected a RopeConfig or LayeredRope, got {type(cfg).__name__}")
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("model: expected a transformers model (with a .config)")
@@ -375,12 +521,47 @@ def apply_rope(model: nn.Module, cfg: RopeConfig, *, backend: str = "auto",
     check_rope_matches(model, cfg)
     if dynamic_policy not in DYNAMIC_POLICIES:
         raise ValueError(f"dynamic_policy: {dynamic_policy!r} not accepted; accepted: {', '.join(DYNAMIC_POLICIES)}")
-    rope = ropekit.RotaryEmbedding(cfg, heads_first=True, dynamic_policy=dynamic_policy)
-    _check_backend(backend, cfg, model, rope)
+    model_rope = model_layered_rope(model)
+    _check_attention_temperature(config, cfg)
+    sections = hf_mrope_section(config) or next(
+        (m.mrope_section for m in model.modules()
+         if type(m).__name__.endswith("RotaryEmbedding") and getattr(m, "mrope_section", None) is not None), None)
+    if sections is not None:
+        raise ValueError(f"{family}: its attention rotates by 3-D (t, h, w) position ids (M-RoPE, mrope_section "
+                         f"{list(sections)}); ropekit's patch of transformers models rotates 1-D positions only")
+    if isinstance(cfg, RopeConfig):
+        layered = LayeredRope(tuple((key, cfg) for key in model_rope.types), model_rope.layers, model_rope.per_type)
+    else:
+        layered = cfg
+    ropes = {key: ropekit.RotaryEmbedding(c, heads_first=True, dynamic_policy=dynamic_policy)
+             for key, c in layered.ropes}
+    for rope in ropes.values():
+        _check_backend(backend, rope.cfg, model, rope)
     located = locate(model, family)
-    patch = RopePatch(model, cfg, rope, located, backend)
+    weight = next(model.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    probe_tables(located, model_rope, torch.float32, device)
+    probe_functions(located, model_rope, device)
+    patch = RopePatch(model, layered, ropes, located, backend)
     patch._install()
     return patch
+
+
+def _check_attention_temperature(config, cfg: RopeConfig | LayeredRope) -> None:
+    """Ministral 3 / Mistral-Large-3 scale queries by position with ``llama_4_scaling_beta`` over the config's
+    ``original_max_position_embeddings``, in the attention, outside the rotation: ropekit cannot change that
+    length, so a cfg with another trained length would be only half applied."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(params, dict) or params.get("llama_4_scaling_beta") is None:
+        return
+    length = params.get("original_max_position_embeddings")
+    ropes = [c for _, c in cfg.ropes] if isinstance(cfg, LayeredRope) else [cfg]
+    for c in ropes:
+        if length is not None and c.original_max_position not in (None, length):
+            raise ValueError(f"cfg.original_max_position: {getattr(config, 'model_type', 'this model')} scales its "
+                             f"queries by position over original_max_position_embeddings={length} "
+                             f"(llama_4_scaling_beta) outside the rotation, which ropekit does not change; keep "
+                             f"original_max_position={length} (extend(..., original_max_position={length}))")
 
 
 def active_patch(model: nn.Module) -> RopePatch | None:

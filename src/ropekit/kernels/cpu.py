@@ -330,16 +330,26 @@ def clear_cache() -> None:
 _pair_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
+def _storage_key(t: Tensor) -> tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor
+        version = None
+    return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), version)
+
+
 def _pair_tables_cached(cos: Tensor, sin: Tensor, interleaved: bool, heads_first: bool) -> tuple[Tensor, Tensor]:
     """``pair_tables`` of (1|B, S, rotary_dim/2) tables, with a heads axis to broadcast over (heads-first
     (B, 1, S, ...), heads-last (B, S, 1, ...)); cached per table pair, as the tables themselves are."""
     axis = 1 if heads_first else 2
     if torch.compiler.is_compiling():
         return pair_tables(cos.unsqueeze(axis), sin.unsqueeze(axis), interleaved)
-    # Keyed on the tables' ids; the entry holds the tables themselves, so an id cannot be reused while cached.
-    key = (id(cos), id(sin), interleaved, heads_first)
+    # Keyed on the tables' storage (a caller may pass fresh views of the same tables on every call); the entry
+    # holds the tables themselves, so the memory cannot be reused while cached. Inference tensors have no
+    # version counter: ropekit's own tables are never written in place, so their address and layout decide.
+    key = (_storage_key(cos), _storage_key(sin), interleaved, heads_first)
     hit = _pair_cache.get(key)
-    if hit is not None and hit[0] is cos and hit[1] is sin:
+    if hit is not None:
         _pair_cache.move_to_end(key)
         return hit[2], hit[3]
     with _normal_tensors():

@@ -6,7 +6,8 @@ With wavelength lambda_i = 2 pi / inv_freq_i, trained length L, factor s, low/hi
     lambda_i > L / a:   inv_freq_i / s
     otherwise:          (1 - t) inv_freq_i / s + t inv_freq_i,  t = (L / lambda_i - a) / (b - a)
 
-Attention scale 1. Llama 3.1: s = 8, a = 1, b = 4, L = 8192; Llama 3.2 uses s = 32.
+Attention scale 1. Llama 3.1: s = 8, a = 1, b = 4, L = 8192; Llama 3.2 uses s = 32. Llama 4 sets a = b = 1: no
+blend band, every pair with wavelength > L divided by s, the others kept.
 """
 
 import math
@@ -27,7 +28,9 @@ def compute(cfg, seq_len=None):
     low, high = _low_high(cfg)
     length = cfg.original_max_position
     wavelength = 2 * math.pi / inv
-    smooth = (length / wavelength - low) / (high - low)
+    # low == high (Llama 4): the blend band is the single wavelength L / low; a pair exactly there keeps
+    # inv / s (transformers would give NaN there; no real base hits it exactly).
+    smooth = (length / wavelength - low) / (high - low) if high > low else torch.zeros_like(inv)
     blended = (1 - smooth) * inv / cfg.factor + smooth * inv
     out = torch.where(wavelength > length / low, inv / cfg.factor, inv)
     medium = (wavelength >= length / high) & (wavelength <= length / low)
@@ -42,8 +45,8 @@ def _low_high(cfg) -> tuple[float, float]:
 
 def check(cfg) -> None:
     low, high = _low_high(cfg)
-    if high <= low:
-        raise ValueError(f"high_freq_factor: must be > low_freq_factor ({low}), got {high}")
+    if high < low:
+        raise ValueError(f"high_freq_factor: must be >= low_freq_factor ({low}), got {high}")
 
 
 SPEC = register(

@@ -2,6 +2,10 @@
 
 ``train`` is the loop (AdamW, linear warm-up then constant learning rate, gradient accumulation, gradient
 checkpointing, bf16 autocast on CUDA only, DDP/FSDP under torchrun, periodic checkpoints and exact resume).
+Three ways to train long for less (``FinetuneSettings``): ``pose`` (short windows whose position ids reach seq_len,
+``ropekit.training.pose``), ``mixed_windows`` (each row rotated as at its own length: longrope's short factors for
+rows within the trained length) and ``context_parallel`` (one row split over ranks, attention across them,
+``ropekit.training.context_parallel``).
 ``finetune`` is the whole job the ``ropekit finetune`` command runs: load, swap RoPE, pack data, train,
 evaluate, export.
 
@@ -41,7 +45,10 @@ from ropekit.training.data import (
     packed_forward_kwargs,
     tokenize_documents,
 )
+from ropekit.training.context_parallel import all_reduce_gradients, context_parallel_attention, shard_batch
+from ropekit.training.pose import PoseSpec, pose_forward_kwargs, pose_windows, step_position_ids
 from ropekit.training.distributed import (
+    SHARD_MODES,
     STRATEGIES,
     DistContext,
     all_reduce_sum,
@@ -90,13 +97,45 @@ class FinetuneSettings:
     seed: int = 0
     strategy: str = "ddp"
     decay: str = "constant"
+    # PoSE (``ropekit.training.pose``): train windows of ``window`` tokens with position ids spread over seq_len.
+    pose: bool = False
+    window: int | None = None
+    pose_chunks: int = 2
+    # Mixed context windows (LongRoPE2): each row's rotation is resolved at the row's own length (max position + 1),
+    # so rows no longer than the trained length rotate as short contexts do at inference (longrope: short factors).
+    mixed_windows: bool = False
+    # Context parallelism (``ropekit.training.context_parallel``): one sequence split over this many ranks.
+    context_parallel: int = 1
+    cp_mode: str = "zigzag"
 
     def __post_init__(self) -> None:
         for name, minimum in (("seq_len", 2), ("steps", 1), ("batch_size", 1), ("grad_accum", 1),
-                              ("lora_rank", 1), ("warmup", 0), ("checkpoint_every", 0), ("keep_checkpoints", 1)):
+                              ("lora_rank", 1), ("warmup", 0), ("checkpoint_every", 0), ("keep_checkpoints", 1),
+                              ("pose_chunks", 1), ("context_parallel", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+        if self.pose:
+            if self.window is None:
+                raise ValueError("window: PoSE needs a window length (tokens per training row)")
+            from ropekit.training.pose import check_pose
+
+            check_pose(self.seq_len, self.window, self.pose_chunks)
+        elif self.window is not None:
+            raise ValueError("window: only used with pose")
+        if self.cp_mode not in SHARD_MODES:
+            raise ValueError(f"cp_mode: {self.cp_mode!r} not accepted; accepted: {', '.join(SHARD_MODES)}")
+        if self.context_parallel > 1:
+            if self.pose or self.mixed_windows:
+                raise ValueError("context_parallel: splits one long row over ranks; it is not combined with pose "
+                                 "or mixed_windows (PoSE rows are short, so they need no splitting)")
+            if self.batch_size != 1:
+                raise ValueError(f"context_parallel: trains one sequence at a time; needs batch_size 1, got "
+                                 f"{self.batch_size}")
+            chunks = self.context_parallel * (2 if self.cp_mode == "zigzag" else 1)
+            if self.seq_len % chunks:
+                raise ValueError(f"seq_len: {self.seq_len} must be divisible by {chunks} for context_parallel "
+                                 f"{self.context_parallel} with cp_mode {self.cp_mode!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr: must be a finite number > 0, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
@@ -112,9 +151,23 @@ class FinetuneSettings:
     def resolved_lora_alpha(self) -> float:
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
 
+    @property
+    def row_len(self) -> int:
+        """Tokens per training row: the PoSE window, or seq_len."""
+        return self.window if self.pose else self.seq_len
+
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that decide the numbers (everything but NOT_FINGERPRINTED)."""
+        """The settings that decide the numbers (everything but NOT_FINGERPRINTED; the PoSE, mixed-window and
+        context-parallel fields only when used, so runs without them keep their earlier fingerprints)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_FINGERPRINTED}
+        if not self.pose:
+            for key in ("pose", "window", "pose_chunks"):
+                out.pop(key)
+        if not self.mixed_windows:
+            out.pop("mixed_windows")
+        if self.context_parallel == 1:
+            out.pop("context_parallel")
+            out.pop("cp_mode")
         out["betas"] = list(self.betas)
         if self.decay != "constant":
             out["steps"] = self.steps  # the schedule depends on the run length
@@ -330,9 +383,10 @@ def _chunk_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, target: torch.
 
 
 def chunked_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                     chunk_size: int = LOSS_CHUNK) -> torch.Tensor:
+                     chunk_size: int = LOSS_CHUNK, shifted: bool = False) -> torch.Tensor:
     """``token_loss_sum`` of the causal LM ``model``'s logits, computed from its final hidden states
-    (batch, seq, hidden) ``chunk_size`` positions at a time.
+    (batch, seq, hidden) ``chunk_size`` positions at a time. With ``shifted``, ``labels`` are already the
+    next-token targets of each position (a context-parallel shard: the shift was done on the full sequence).
 
     Each chunk's head and cross-entropy run inside ``torch.utils.checkpoint`` (non-reentrant): only the chunk's
     hidden states are kept for backward, and its logits are recomputed there. So at most one chunk of
@@ -342,8 +396,11 @@ def chunked_loss_sum(model: torch.nn.Module, hidden: torch.Tensor, labels: torch
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
     from torch.utils.checkpoint import checkpoint
 
-    hidden = hidden[:, :-1]
-    target = labels[:, 1:].to(hidden.device)
+    if shifted:
+        target = labels.to(hidden.device)
+    else:
+        hidden = hidden[:, :-1]
+        target = labels[:, 1:].to(hidden.device)
     total = None
     for start in range(0, hidden.shape[1], chunk_size):
         piece = (hidden[:, start:start + chunk_size], target[:, start:start + chunk_size])
@@ -371,12 +428,14 @@ def loss_forward(model: torch.nn.Module, chunk_size: int = LOSS_CHUNK):
     had_own = "forward" in lm.__dict__
     own = lm.__dict__.get("forward")
 
-    def forward(input_ids=None, labels=None, **kwargs):
-        if labels is None:
+    def forward(input_ids=None, labels=None, targets=None, **kwargs):
+        if labels is None and targets is None:
             raise ValueError("labels: the training loss needs labels")
         # peft passes its optional arguments explicitly (attention_mask=None, return_dict=None...).
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("return_dict", "labels")}
         hidden = body(input_ids=input_ids, **kwargs).last_hidden_state
+        if targets is not None:  # next-token targets already aligned with the positions (context parallel)
+            return chunked_loss_sum(lm, hidden, targets, chunk_size, shifted=True)
         return chunked_loss_sum(lm, hidden, labels, chunk_size)
 
     lm.forward = forward
@@ -464,10 +523,20 @@ def train(
     from tqdm.auto import tqdm
 
     ctx = ctx or context_from_group()
-    if rows.seq_len != settings.seq_len:
-        raise ValueError(f"rows: packed at {rows.seq_len} tokens, settings.seq_len is {settings.seq_len}")
+    if rows.seq_len != settings.row_len:
+        what = f"settings.window is {settings.window}" if settings.pose else f"settings.seq_len is {settings.seq_len}"
+        raise ValueError(f"rows: packed at {rows.seq_len} tokens, {what}")
+    cp = settings.context_parallel
+    if cp > 1 and ctx.world_size != cp:
+        raise ValueError(f"context_parallel: {cp} ranks per sequence needs exactly {cp} processes (torchrun "
+                         f"--nproc_per_node {cp}), got {ctx.world_size}")
+    if cp > 1 and ctx.distributed and settings.strategy != "ddp":
+        raise ValueError("strategy: context_parallel sums gradients itself; use ddp (fsdp is not supported with it)")
     per_rank = settings.batch_size * settings.grad_accum
-    global_batch = per_rank * ctx.world_size
+    # Data-parallel ranks take different rows; context-parallel ranks share every row (each holds a shard).
+    data_ranks = 1 if cp > 1 else ctx.world_size
+    data_rank = 0 if cp > 1 else ctx.rank
+    global_batch = per_rank * data_ranks
     if len(rows) < global_batch:
         raise ValueError(f"data: {len(rows)} rows of {settings.seq_len} tokens, fewer than one global batch "
                          f"({settings.batch_size} x {settings.grad_accum} accumulation x {ctx.world_size} processes)")
@@ -494,7 +563,9 @@ def train(
     if config is not None:
         config.use_cache = False  # a KV cache is useless in training and hides packed rows from transformers
     model.train()
-    wrapped = wrap_model(model, ctx, settings.strategy)
+    # Context parallel: no DDP wrapper (its gradient averaging would run beside the attention's collectives);
+    # the shard gradients are summed explicitly after backward.
+    wrapped = model if cp > 1 else wrap_model(model, ctx, settings.strategy)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: no trainable parameters")
@@ -514,7 +585,20 @@ def train(
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     is_ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-    is_fsdp = ctx.distributed and settings.strategy == "fsdp"
+    is_fsdp = ctx.distributed and settings.strategy == "fsdp" and cp == 1
+    pose = PoseSpec(settings.seq_len, settings.window, settings.pose_chunks) if settings.pose else None
+    patch = _rope_patch(model) if settings.mixed_windows else None
+    if settings.mixed_windows and (patch is None or not patch.rope.length_dependent):
+        raise ValueError("mixed_windows: needs a model patched with a length-dependent RoPE method "
+                         "(longrope, dynamic, dynamic_yarn); the rotation of other methods does not depend on "
+                         "the row's length")
+    fixed_length = patch._fixed_length if patch is not None else None  # put back after each step
+    cp_patch = _rope_patch(model) if cp > 1 else None
+    if cp_patch is not None and cp_patch.rope.length_dependent and cp_patch._fixed_length is None:
+        # A shard's largest position is not the sequence's: take the scale at the full length on every rank.
+        cp_patch.fix_length(settings.seq_len)
+    else:
+        cp_patch = None  # nothing to put back
     bar = tqdm(total=settings.steps, initial=step, desc=desc, disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
     try:
@@ -524,22 +608,49 @@ def train(
             n_tokens = rows.rows(index).predicted_tokens()
             if n_tokens == 0:
                 raise ValueError(f"data: step {step + 1}'s batch has no token to predict")
-            mine = index[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+            mine = slice(data_rank * per_rank, (data_rank + 1) * per_rank)
+            step_rows = rows.rows(index[mine])
+            if pose is not None:  # this step's skipped ids for every slot of the global batch; keep this rank's
+                step_rows.position_ids = step_position_ids(pose, settings.seed, step, global_batch)[mine]
             lr_now = scheduler.get_last_lr()[0]
             local_loss = torch.zeros((), dtype=torch.float64)
             for micro in range(settings.grad_accum):
-                batch = rows.rows(mine[micro * settings.batch_size:(micro + 1) * settings.batch_size])
-                last = micro == settings.grad_accum - 1
-                sync = contextlib.nullcontext() if (last or not is_ddp) else wrapped.no_sync()
-                if is_fsdp:
-                    wrapped.set_requires_gradient_sync(last)
-                with sync:
-                    with autocast, loss_forward(wrapped, loss_chunk):  # the summed token loss, not logits
-                        loss = wrapped(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
-                                       **packed_forward_kwargs(batch.position_ids.to(device), dtype)) / n_tokens
-                    # DDP / FSDP average gradients over ranks; the loss is already a share of the global mean.
-                    (loss * ctx.world_size).backward()
-                local_loss += loss.detach().to("cpu", torch.float64)
+                batch = step_rows.rows(list(range(micro * settings.batch_size, (micro + 1) * settings.batch_size)))
+                # Mixed windows: one row per forward, its rotation resolved at its own length.
+                pieces = [batch.rows([r]) for r in range(len(batch))] if patch is not None else [batch]
+                for i, piece in enumerate(pieces):
+                    # Gradients are synchronised over data-parallel ranks after the step's last backward only.
+                    last = micro == settings.grad_accum - 1 and i == len(pieces) - 1
+                    sync = contextlib.nullcontext() if (last or not is_ddp) else wrapped.no_sync()
+                    if is_fsdp:
+                        wrapped.set_requires_gradient_sync(last)
+                    if patch is not None:
+                        patch.fix_length(row_rope_length(piece.position_ids))
+                    with sync:
+                        with contextlib.ExitStack() as stack:
+                            if cp > 1:
+                                ids, pos, targets, layout = shard_batch(
+                                    piece.input_ids, piece.position_ids, piece.labels, cp, ctx.rank,
+                                    settings.cp_mode)
+                                stack.enter_context(context_parallel_attention(model, layout))
+                                inputs = {"input_ids": ids.to(device), "targets": targets.to(device),
+                                          "position_ids": pos.to(device), "use_cache": False}
+                            elif pose is not None:
+                                inputs = {"input_ids": piece.input_ids.to(device), "labels": piece.labels.to(device),
+                                          **pose_forward_kwargs(piece.position_ids.to(device))}
+                            else:
+                                inputs = {"input_ids": piece.input_ids.to(device), "labels": piece.labels.to(device),
+                                          **packed_forward_kwargs(piece.position_ids.to(device), dtype)}
+                            with autocast, loss_forward(wrapped, loss_chunk):  # the summed token loss, not logits
+                                loss = wrapped(**inputs) / n_tokens
+                            # DDP / FSDP average gradients over ranks; the loss is already a share of the global
+                            # mean. Context parallel: each rank's loss is its shard's share, summed below.
+                            (loss * (1 if cp > 1 else ctx.world_size)).backward()
+                    local_loss += loss.detach().to("cpu", torch.float64)
+            if patch is not None:
+                patch.fix_length(fixed_length)
+            if cp > 1:
+                all_reduce_gradients(params)
             if after_backward is not None:
                 after_backward(step, model)
             if settings.max_grad_norm is not None:
@@ -548,7 +659,7 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = all_reduce_sum(local_loss, ctx)
+            loss = all_reduce_sum(local_loss, ctx)  # context parallel: the shards' shares add up to the row's loss
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step}; lower --lr")
             result.history.append({"step": step, "loss": loss, "lr": lr_now, "tokens": n_tokens,
@@ -561,6 +672,10 @@ def train(
                                                               fingerprint, result.history, ctx, settings)))
     finally:
         bar.close()
+        if patch is not None:
+            patch.fix_length(fixed_length)
+        if cp_patch is not None:
+            cp_patch.fix_length(None)
     if settings.gradient_checkpointing:
         set_gradient_checkpointing(model, False)
     if config is not None and use_cache is not None:
@@ -568,6 +683,18 @@ def train(
     model.eval()
     result.final_step = step
     return result
+
+
+def row_rope_length(position_ids: torch.Tensor) -> int:
+    """The length a row's rotation is resolved at under mixed windows: its largest position + 1 (a packed row of
+    short documents is a short context; a PoSE row reaches as far as its last skipped id)."""
+    return int(position_ids.max()) + 1
+
+
+def _rope_patch(model: torch.nn.Module):
+    from ropekit.hf.patch import active_patch
+
+    return active_patch(causal_lm(model))
 
 
 # ---------------------------------------------------------------------- LoRA
@@ -670,7 +797,9 @@ def _finetune_in_group(ctx: DistContext, source: str, *, rope, data, out_dir, se
         raise ValueError(f"seq_len: {settings.seq_len} is smaller than the model's trained length {trained}; "
                          f"fine-tuning for a longer context needs --seq-len >= {trained}")
     cfg = rope(loaded.rope)
-    rows = pack_documents(tokenize_documents(docs, loaded.tokenizer), settings.seq_len)
+    tokens = tokenize_documents(docs, loaded.tokenizer)
+    # PoSE: windows of consecutive text (their ids are drawn per step); otherwise packed rows of seq_len.
+    rows = pose_windows(tokens, settings.window) if settings.pose else pack_documents(tokens, settings.seq_len)
     model = loaded.model
     patch = apply_rope(model, cfg)
     if cfg.length_dependent:
@@ -686,6 +815,7 @@ def _finetune_in_group(ctx: DistContext, source: str, *, rope, data, out_dir, se
                    progress=progress)
     summary: dict[str, Any] = {"source": str(source), "rope": cfg.to_dict(), "settings": settings.fingerprint(),
                                "steps": settings.steps, "world_size": ctx.world_size, "rows": len(rows),
+                               "rows_tokens": rows.seq_len,
                                "history": result.history, "resumed_from_step": result.start_step,
                                "warnings": result.warnings}
     model = merge_lora(model)

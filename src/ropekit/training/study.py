@@ -11,7 +11,10 @@
    8L: perplexity per length and per position bucket on held-out files, passkey accuracy.
 3. Fine-tune a copy of the pretrained model with each method for the same number of steps at the long
    length (factor * L), on the same mixture, and evaluate again.
-4. Write the report folder: summary.md, results.json, ppl_vs_position.png, training_curves.png.
+4. PoSE (``pose_window`` > 0): fine-tune YaRN (or the last method given) once more for the same steps, now on
+   ``pose_window``-byte windows whose position ids are spread over factor * L (``ropekit.training.pose``), and
+   set it beside the full-length run: training time, activation memory kept for backward, and the evaluation.
+5. Write the report folder: summary.md, results.json, ppl_vs_position.png, training_curves.png.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class StudySizes:
     passkey_samples: int = 16
     max_files: int = 600
     seed: int = 0
+    pose_window: int = 256  # PoSE run's window in bytes (0: no PoSE run)
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "train_len", "factor",
@@ -86,6 +90,10 @@ class StudySizes:
             raise ValueError(f"train_len: must be >= {MIN_PROMPT} bytes to hold a passkey prompt, got {self.train_len}")
         if not 0 <= self.passkey_share < 1:
             raise ValueError(f"passkey_share: must be in [0, 1), got {self.passkey_share}")
+        if isinstance(self.pose_window, bool) or not isinstance(self.pose_window, int) or not (
+                self.pose_window == 0 or MIN_PROMPT <= self.pose_window < self.long_len):
+            raise ValueError(f"pose_window: must be 0 (no PoSE run) or in [{MIN_PROMPT}, {self.long_len}) bytes "
+                             f"(a passkey prompt fits, shorter than factor x train_len), got {self.pose_window!r}")
 
     @property
     def long_len(self) -> int:
@@ -105,7 +113,8 @@ class StudySizes:
 
 QUICK = StudySizes(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192, train_len=128, factor=8,
                    pretrain_steps=150, pretrain_batch=8, pretrain_lr=3e-3, finetune_steps=6, finetune_batch=1,
-                   finetune_lr=5e-4, finetune_warmup=2, eval_windows=2, passkey_samples=6, max_files=120)
+                   finetune_lr=5e-4, finetune_warmup=2, eval_windows=2, passkey_samples=6, max_files=120,
+                   pose_window=128)
 
 
 # ---------------------------------------------------------------------- data
@@ -168,6 +177,39 @@ def mixed_rows(docs: list[str], length: int, passkey_share: float, seed: int) ->
     keys = passkey_rows(n_passkey, length, random.Random(seed))
     return PackedRows(torch.cat((code.input_ids, keys.input_ids)), torch.cat((code.position_ids, keys.position_ids)),
                       torch.cat((code.labels, keys.labels)))
+
+
+def pose_mixture(docs: list[str], window: int, passkey_share: float, seed: int) -> PackedRows:
+    """PoSE rows: source code as consecutive ``window``-byte windows plus passkey prompts of ``window`` bytes
+    (``passkey_share`` of the total); the training loop gives each row its skipped position ids per step."""
+    from ropekit.training.pose import pose_windows
+
+    code = pose_windows(tokenize_documents(docs, ByteTokenizer()), window)
+    n_passkey = int(round(len(code) * passkey_share / (1 - passkey_share))) if passkey_share else 0
+    if n_passkey == 0:
+        return code
+    keys = passkey_rows(n_passkey, window, random.Random(seed))
+    return PackedRows(torch.cat((code.input_ids, keys.input_ids)), torch.cat((code.position_ids, keys.position_ids)),
+                      torch.cat((code.labels, keys.labels)))
+
+
+def activation_bytes(model, rows: PackedRows, forward_kwargs: dict) -> int:
+    """Bytes of the tensors one training forward of ``rows`` keeps for backward (activations; parameters and
+    the optimizer state, the same for every run, are not counted). Storages are counted once."""
+    from ropekit.training.finetune import loss_forward
+
+    storages: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), loss_forward(model):
+        model(input_ids=rows.input_ids, labels=rows.labels, **forward_kwargs)
+    return sum(storages.values())
 
 
 def held_out_windows(docs: list[str], length: int, count: int) -> list:
@@ -329,12 +371,21 @@ def run_study(out_dir: str | Path, sizes: StudySizes = StudySizes(), methods: tu
         after.update(evaluate_methods(tuned, {method: cfg}, sizes, windows, "fine-tuned", progress))
         del tuned
     timings["finetune_and_evaluate_s"] = time.perf_counter() - t0
+
+    pose = None
+    if sizes.pose_window:
+        t0 = time.perf_counter()
+        pose = pose_comparison(model, configs, sizes, train_docs, long_rows, ft_settings, curves, after, windows,
+                               progress, log)
+        timings["pose_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
     results = {"sizes": dataclasses.asdict(sizes), "parameters": n_params, "methods": list(methods),
                "eval_lengths": sizes.eval_lengths, "pretrain_rows": len(pre_rows), "finetune_rows": len(long_rows),
                "before": before, "after": after, "pretrain_history": pretrain.history, "finetune_history": curves,
                "timings": timings, "torch_threads": torch.get_num_threads()}
+    if pose is not None:
+        results["pose"] = pose
     with OutputDir(out, command="study", overwrite=overwrite) as folder:
         folder.write_text("results.json", json.dumps(results, indent=2))
         plot_position(results, folder.path("ppl_vs_position.png"))
@@ -344,15 +395,95 @@ def run_study(out_dir: str | Path, sizes: StudySizes = StudySizes(), methods: tu
     return results
 
 
+def pose_comparison(model, configs: dict[str, RopeConfig], sizes: StudySizes, train_docs: list[str],
+                    long_rows: PackedRows, ft_settings: FinetuneSettings, curves: dict, after: dict, windows: dict,
+                    progress: bool, log) -> dict[str, Any]:
+    """Fine-tune the PoSE run (YaRN, or the last method) for ft_settings.steps on ``sizes.pose_window``-byte
+    windows and return it beside the full-length run of the same method: train time, activation bytes, evaluation."""
+    from ropekit.hf import apply_rope
+    from ropekit.training.data import packed_forward_kwargs
+    from ropekit.training.pose import PoseSpec, pose_forward_kwargs, step_position_ids
+
+    method = "yarn" if "yarn" in configs else list(configs)[-1]
+    cfg = configs[method]
+    window = sizes.pose_window
+    log(f"[study] PoSE: fine-tuning {METHOD_LABELS[method]} on {window}-byte windows with ids up to {sizes.long_len}")
+    rows = pose_mixture(train_docs, window, sizes.passkey_share, sizes.seed + 2)
+    settings = dataclasses.replace(ft_settings, pose=True, window=window)
+    measure = copy.deepcopy(model)
+    with apply_rope(measure, cfg) as patch:
+        if cfg.length_dependent:
+            patch.fix_length(sizes.long_len)
+        measure.train()
+        full_batch = long_rows.rows(list(range(ft_settings.batch_size)))
+        full_bytes = activation_bytes(measure, full_batch, packed_forward_kwargs(full_batch.position_ids))
+        pose_batch = rows.rows(list(range(ft_settings.batch_size)))
+        ids = step_position_ids(PoseSpec(sizes.long_len, window, settings.pose_chunks), settings.seed, 0,
+                                ft_settings.batch_size)
+        pose_bytes = activation_bytes(measure, pose_batch, pose_forward_kwargs(ids))
+    del measure
+    tuned = copy.deepcopy(model)
+    with apply_rope(tuned, cfg) as patch:
+        if cfg.length_dependent:
+            patch.fix_length(sizes.long_len)
+        result = train(tuned, rows, settings, progress=progress, desc=f"PoSE {METHOD_LABELS[method]}")
+    evaluation = evaluate_methods(tuned, {method: cfg}, sizes, windows, "PoSE fine-tuned", progress)[method]
+    del tuned
+    full_history = curves[method]
+    return {"method": method, "window": window, "rows": len(rows),
+            "full": {"train_s": sum(h["seconds"] for h in full_history), "activation_bytes": full_bytes,
+                     "row_bytes": sizes.long_len, "ppl": after[method]["ppl"], "passkey": after[method]["passkey"]},
+            "pose": {"train_s": sum(h["seconds"] for h in result.history), "activation_bytes": pose_bytes,
+                     "row_bytes": window, "ppl": evaluation["ppl"], "passkey": evaluation["passkey"],
+                     "bucket_ppl": evaluation["bucket_ppl"], "bucket_size": evaluation["bucket_size"],
+                     "history": result.history}}
+
+
 # ---------------------------------------------------------------------- report
 def load_results(path: str | Path) -> dict[str, Any]:
     """results.json back into the in-memory form (JSON turned the length keys into strings)."""
     results = json.loads(Path(path).read_text())
-    for stage in ("before", "after"):
-        for entry in results[stage].values():
-            for key in ("ppl", "passkey"):
-                entry[key] = {int(n): v for n, v in entry[key].items()}
+    entries = [e for stage in ("before", "after") for e in results[stage].values()]
+    if "pose" in results:
+        entries += [results["pose"]["full"], results["pose"]["pose"]]
+    for entry in entries:
+        for key in ("ppl", "passkey"):
+            entry[key] = {int(n): v for n, v in entry[key].items()}
     return results
+
+
+def pose_section(results: dict[str, Any]) -> list[str]:
+    """The PoSE vs full-length table and what it shows (empty without a PoSE run)."""
+    pose = results.get("pose")
+    if not pose:
+        return []
+    s = results["sizes"]
+    lengths = results["eval_lengths"]
+    short, longest = lengths[0], lengths[-1]
+    label = METHOD_LABELS[pose["method"]]
+    lines = [f"## PoSE vs full-length fine-tuning ({label}, {s['finetune_steps']} steps each, same lr and batch)",
+             "",
+             f"| run | training row | train time | activations kept for backward | ppl at {short} | "
+             f"ppl at {longest} | passkey at {longest} |",
+             "|---|---|---|---|---|---|---|"]
+    for name, entry in (("full length", pose["full"]), (f"PoSE, window {pose['window']}", pose["pose"])):
+        lines.append(f"| {name} | {entry['row_bytes']} bytes | {entry['train_s']:.1f} s | "
+                     f"{entry['activation_bytes'] / 2**20:.1f} MiB | {_ppl(entry['ppl'][short])} | "
+                     f"{_ppl(entry['ppl'][longest])} | {entry['passkey'][longest]:.0%} |")
+    full, cheap = pose["full"], pose["pose"]
+    before = results["before"][pose["method"]]["ppl"][longest]
+    gained_full, gained_pose = before - full["ppl"][longest], before - cheap["ppl"][longest]
+    share = gained_pose / gained_full if gained_full > 0 else float("nan")
+    verdict = ("NOT seen: full-length fine-tuning did not improve on no fine-tuning here" if gained_full <= 0 else
+               "seen" if share >= 0.9 else f"partly seen: {share:.0%} of the full-length gain" if share > 0 else
+               "NOT seen")
+    lines += ["",
+              f"- PoSE at {longest // short}x: ppl {_ppl(before)} before fine-tuning -> {_ppl(cheap['ppl'][longest])} "
+              f"(full length: {_ppl(full['ppl'][longest])}) for {cheap['train_s'] / max(full['train_s'], 1e-9):.0%} "
+              f"of the full-length training time and {cheap['activation_bytes'] / max(full['activation_bytes'], 1):.0%} "
+              f"of its activation memory (paper claim: PoSE reaches the full-length result at a fraction of the "
+              f"cost; {verdict})."]
+    return lines
 
 
 def plot_position(results: dict[str, Any], path: Path) -> None:
@@ -398,6 +529,11 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("loss (nats/byte)")
     for method, history in results["finetune_history"].items():
         ax2.plot([h["step"] for h in history], [h["loss"] for h in history], label=METHOD_LABELS[method])
+    pose = results.get("pose")
+    if pose:  # its loss is on short windows, so it is not comparable point for point with the long rows'
+        history = pose["pose"]["history"]
+        ax2.plot([h["step"] for h in history], [h["loss"] for h in history], ":",
+                 label=f"{METHOD_LABELS[pose['method']]} PoSE ({pose['window']}-byte windows)")
     ax2.set_title(f"fine-tuning at {results['sizes']['train_len'] * results['sizes']['factor']} bytes")
     ax2.set_xlabel("step")
     ax2.legend()
@@ -472,6 +608,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
         "Plots: ppl_vs_position.png (per-position perplexity in the longest window), training_curves.png.",
         "",
+        *pose_section(results),
+        *([""] if results.get("pose") else []),
         "## What this run shows",
         *observations(results),
         "",

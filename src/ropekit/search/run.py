@@ -1,0 +1,263 @@
+"""``search_factors``: the whole search on a loaded model, with its output folder; ``shipped_factors``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from ropekit.evaluation.data import Document
+from ropekit.hf.load import LoadedModel
+from ropekit.output import check_output_dir, claim, write_file_atomic
+from ropekit.search.evolution import Candidate, Evolution, SearchState, Settings
+from ropekit.search.fitness import NeedleFitness, longrope_config
+from ropekit.search.genome import make_space, method_factors, seed_factors
+
+STATE_FILE = "search-state.json"
+LOG_FILE = "search-log.json"
+FACTORS_FILE = "factors.json"
+PROGRESS_PLOT = "progress.png"
+FACTORS_PLOT = "factors.png"
+OUTPUT_FILES = (STATE_FILE, LOG_FILE, FACTORS_FILE, PROGRESS_PLOT, FACTORS_PLOT)
+COMMAND = "search"
+# Where ropekit keeps the factors it ships (the repository's searches/ folder).
+SHIPPED_DIR = Path(__file__).resolve().parents[3] / "searches"
+
+
+@dataclass
+class SearchOptions:
+    """The search's knobs (the CLI's options); see ``search_factors``."""
+
+    target_length: int
+    budget: int | None = None
+    population: int = 8
+    generations: int = 5
+    patience: int = 3
+    seed: int = 0
+    needles: int = 32
+    genes: str = "critical"
+    refill: str = "ntk"
+    max_factor: float | None = None
+    attention_factor: float | None = None
+    tolerance: float = 0.05
+    text_weight: float = 1.0
+    guard_weight: float = 10.0
+    chunk_size: int = 1024
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    factors: dict[str, Any]  # the factors.json content
+    out: Path | None
+    stopped: str | None
+    forwards: int
+    seconds: float
+
+
+def check_search_folder(out: str | Path, *, resume: bool, overwrite: bool, option: str = "--out") -> Path:
+    """The output folder's checks, before any model loads: a folder holding a search needs ``resume`` (or
+    ``overwrite`` to start over); ``resume`` needs one."""
+    from ropekit.output import OutputError
+
+    path = check_output_dir(out, option=option, overwrite=overwrite)
+    state = Path(path) / STATE_FILE
+    if resume and not state.is_file():
+        raise OutputError(f"--resume: {out} holds no search to continue ({STATE_FILE} not found)")
+    if state.is_file() and not resume and not overwrite:
+        raise OutputError(f"{option}: {out} holds a search ({STATE_FILE}); pass --resume to continue it, "
+                          f"--overwrite to start it over, or choose a new folder")
+    return path
+
+
+def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path | None = None, *,
+                   documents: Iterable[Document] | None = None, data_name: str = "stdlib",
+                   model_name: str = "", resume: bool = False, overwrite: bool = False,
+                   progress: bool = True, command: str | None = None) -> SearchResult:
+    """Search LongRoPE long factors for ``loaded`` at ``options.target_length``.
+
+    Args:
+        loaded: ``ropekit.hf.load_model(...)``.
+        options: ``SearchOptions``.
+        out: output folder (checkpoint, log, factors.json, plots); None: nothing written (no resume).
+        documents: the text of the fitness haystack (default: the standard library, largest files first).
+        resume: continue the search checkpointed in ``out`` (its settings must match, budget and generations
+            may grow).
+    Returns:
+        ``SearchResult``; ``factors`` is what ``factors.json`` holds (HF longrope form plus a ``search`` record).
+    """
+    started = time.perf_counter()
+    base = loaded.rope
+    trained = base.require_trained_length()
+    n = int(options.target_length)
+    if n <= trained:
+        raise ValueError(f"target_length: must be > the trained length {trained}, got {n}")
+    out_path = None
+    if out is not None:
+        out_path = check_search_folder(out, resume=resume, overwrite=overwrite)
+    space = make_space(base, n, genes=options.genes, refill=options.refill, max_factor=options.max_factor)
+    seeds = seed_factors(base, n)
+    yarn_attention = method_factors(base, "yarn", n)[1]
+    attention = yarn_attention if options.attention_factor is None else float(options.attention_factor)
+    fitness = NeedleFitness(loaded.model, loaded.tokenizer, base, n, documents=documents, needles=options.needles,
+                            seed=options.seed, tolerance=options.tolerance, guard_weight=options.guard_weight,
+                            text_weight=options.text_weight, chunk_size=options.chunk_size)
+    # What the cached scores depend on: a resumed search must score the same haystack the same way.
+    fingerprint = {"model": model_name or loaded.source, "rope": base.to_dict(), "data": data_name,
+                   "documents": fitness.documents, "haystack_tokens": fitness.length,
+                   "haystack_sha256": hashlib.sha256(fitness.input_ids.numpy().tobytes()).hexdigest(),
+                   "attention_factor": attention, "dtype": str(loaded.dtype).replace("torch.", ""),
+                   **{k: v for k, v in asdict(options).items() if k not in ("budget", "generations", "patience",
+                                                                           "chunk_size")}}
+    state = None
+    state_path = None
+    if out_path is not None:
+        claim(out_path, OUTPUT_FILES, COMMAND)
+        state_path = out_path / STATE_FILE
+        if resume:
+            state = SearchState.load(state_path)
+            # A key an older state lacks is not held against it (it was not recorded then).
+            differ = sorted(k for k in set(fingerprint) | set(state.fingerprint)
+                            if k in state.fingerprint and json.dumps(fingerprint.get(k), sort_keys=True)
+                            != json.dumps(state.fingerprint.get(k), sort_keys=True))
+            if differ:
+                raise ValueError(f"resume: the search in {out} was run with other settings ({', '.join(differ)}); "
+                                 f"give the same ones, or start a new search")
+    # The budget counts every forward: the guard's reference (once) and each candidate.
+    if state is None:
+        state = SearchState(fingerprint=fingerprint)
+    if state.reference_nll is None:
+        state.reference_nll = fitness.measure_reference()
+    else:
+        fitness.reference_nll = state.reference_nll
+    settings = Settings(population=options.population, generations=options.generations,
+                        budget=None if options.budget is None else options.budget - 1, patience=options.patience,
+                        seed=options.seed)
+    if settings.budget is not None and settings.budget < 1:
+        raise ValueError(f"budget: must be >= 2 forwards (the guard's reference and one candidate), got "
+                         f"{options.budget}")
+    if state.rng is None:
+        import random
+
+        from ropekit.search.evolution import _rng_state
+
+        state.rng = _rng_state(random.Random(options.seed))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=options.budget, initial=state.forwards + 1, desc="search", unit="forward")
+
+    def on_evaluated(candidate: Candidate, best: Candidate | None, forwards: int) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"gen {candidate.generation} best {best.score:.4f} (#{best.id}) "
+                                f"last {candidate.score:.4f}")
+
+    evolution = Evolution(space, seeds, lambda f: fitness.evaluate(f, attention), settings, state_path=state_path,
+                          state=state, fingerprint=fingerprint, on_evaluated=on_evaluated)
+    evolution.save()
+    try:
+        best = evolution.run()
+    finally:
+        if bar is not None:
+            bar.close()
+    candidates = evolution.all_candidates()
+    seed_scores = {c.origin.split(":", 1)[1]: c.score for c in candidates
+                   if c.origin.startswith("seed:") and c.fitness is not None}
+    cfg = longrope_config(base, n, best.factors, attention)
+    seconds = time.perf_counter() - started
+    record = {
+        "model": model_name or loaded.source,
+        "target_length": n,
+        "trained_length": trained,
+        "best": {"id": best.id, "origin": best.origin, "generation": best.generation, **(best.fitness or {})},
+        "seeds": {name: {k: v for k, v in next(c for c in candidates if c.origin == f"seed:{name}").fitness.items()}
+                  for name in seed_scores},
+        "improvement_over_yarn": (seed_scores["yarn"] - best.score) if "yarn" in seed_scores else None,
+        "forwards": state.forwards + 1,
+        "stopped": state.stopped,
+        "generations_completed": len(state.history),
+        "wall_seconds_this_run": round(seconds, 1),
+        "space": {"genes": options.genes, "first_gene": space.first_gene, "gene_count": space.size,
+                  "low": space.low, "high": space.high, "refill": space.refill},
+        "settings": {k: v for k, v in asdict(options).items()},
+        "fitness": fitness.describe(),
+        "data": data_name,
+    }
+    if command:
+        record["command"] = command
+    factors = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * (base.rotary_dim // 2),
+        "long_factor": list(best.factors),
+        "factor": n / trained,
+        "original_max_position_embeddings": trained,
+        "max_position_embeddings": n,
+        "attention_factor": attention,
+        "search": record,
+    }
+    cfg.to_hf()  # the result must be expressible in transformers' longrope form
+    if out_path is not None:
+        from ropekit.search.plots import plot_factors, plot_progress
+
+        write_file_atomic(out_path / FACTORS_FILE, json.dumps(factors, indent=2) + "\n")
+        write_file_atomic(out_path / LOG_FILE, json.dumps({
+            "candidates": [c.to_dict() for c in candidates], "history": state.history,
+            "stopped": state.stopped, "forwards": state.forwards + 1, "fitness": fitness.describe(),
+            "needles": fitness.needle_records}, indent=1) + "\n")
+        label = f"{model_name or loaded.source}: {trained} -> {n}"
+        if state.history:
+            plot_progress(state.history, seed_scores, out_path / PROGRESS_PLOT, title=f"Search progress, {label}")
+        found = "searched (long_factor)" if not best.origin.startswith("seed:") else \
+            f"best = the {best.origin.split(':', 1)[1].upper()} seed (no candidate beat it)"
+        plot_factors(best.factors, seeds, out_path / FACTORS_PLOT, first_gene=space.first_gene,
+                     title=f"Searched factors vs PI/NTK/YaRN, {label}", label=found)
+    return SearchResult(best, factors, out_path, state.stopped, state.forwards + 1, seconds)
+
+
+def factors_config(loaded_or_rope, factors: dict[str, Any]):
+    """The RopeConfig of a ``factors.json`` content for a model (its ``LoadedModel`` or ``RopeConfig``)."""
+    base = loaded_or_rope.rope if isinstance(loaded_or_rope, LoadedModel) else loaded_or_rope
+    return longrope_config(base, int(factors["max_position_embeddings"]), factors["long_factor"],
+                           float(factors["attention_factor"]))
+
+
+def shipped_factors(model_source: str | None, target_length: int, folder: str | Path | None = None) -> Path | None:
+    """The factors file ropekit ships for ``model_source`` at ``target_length`` (``searches/*.json`` whose
+    ``search.model`` names the model and whose ``max_position_embeddings`` is the target), or None.
+
+    ``model_source``: what ``load_model`` takes ("demo" or None for the bundled SmolLM2; its GGUF path counts as
+    "demo" too); others match the ``search.model`` string exactly.
+    """
+    root = Path(folder) if folder is not None else SHIPPED_DIR
+    if not root.is_dir():
+        return None
+    names = {str(model_source)}
+    if model_source in (None, "demo"):
+        names = {"demo"}
+    else:
+        try:
+            from ropekit.hf.load import demo_model_path
+
+            if Path(str(model_source)).expanduser().resolve() == demo_model_path().resolve():
+                names.add("demo")
+        except Exception:  # noqa: BLE001 - no demo package installed: only exact names match
+            pass
+    for path in sorted(root.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        model = (data.get("search") or {}).get("model")
+        if model in names and int(data.get("max_position_embeddings") or 0) == int(target_length) \
+                and "long_factor" in data and "short_factor" in data:
+            return path
+    return None
+
