@@ -180,6 +180,9 @@ def test_compare_on_a_tiny_model_writes_the_report(tiny_model, tmp_path):
     assert "same rotation as yarn at 512 tokens: measured once" in by["dynamic_yarn"].notes
     assert by["dynamic_yarn"].ppl_target == by["yarn"].ppl_target
     assert by["dynamic_yarn"].queries == by["yarn"].queries
+    assert by["dynamic_yarn"].timing == {"shared_with": "yarn"} and "forward" in by["yarn"].timing
+    if rep.recommendation.label == "yarn" and rep.outcomes[0].label == "dynamic_yarn":
+        assert "computes the same rotation as yarn" in rep.recommendation.text
     # static methods' short-context ppl is the prefix of the long pass; dynamic NTK is plain RoPE up to L
     assert math.isclose(by["dynamic"].ppl_trained, by["default"].ppl_trained)
     assert not math.isclose(by["linear"].ppl_trained, by["default"].ppl_trained)

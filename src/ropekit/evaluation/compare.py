@@ -463,9 +463,8 @@ def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Pa
             config=plan.rope))
     nll_of = {o.label: raw[o.label].nll for o in outcomes}
     pairs = rank_outcomes(outcomes, nll_of, mask, bucket_size=options.bucket_size, seed=options.seed)
-    twins = {}
-    for label, m in measured.values():
-        twins[label] = [p.label for p in runnable if raw[p.label] is m]
+    twins = {label: [label] + [p.label for p in runnable if raw[p.label].timing.get("shared_with") == label]
+             for label, _ in measured.values()}
     recommendation = recommend(outcomes, trained, target, baseline.label, model_source=loaded.source,
                                twins=twins, windows=options.windows, pairs=pairs,
                                buckets_per_window=math.ceil(mask.shape[1] / options.bucket_size))
@@ -700,8 +699,8 @@ def summary_markdown(rep: CompareReport) -> str:
             parts = list(o.notes) + ([f"tied with {', '.join(o.tied_with)}"] if o.tied_with else [])
             lines.append(f"- {o.label}: {'; '.join(parts)}")
         lines.append("")
-    per = "; ".join(f"{label} (measured with {v['shared_with']})" if "shared_with" in v else
-                    f"{label} {v.get('forward', 0):.0f} + {v.get('queries', 0):.0f} s"
+    per = "; ".join((f"{label} (measured with {v['shared_with']})" if "shared_with" in v else
+                     f"{label} {v.get('forward', 0):.0f} + {v.get('queries', 0):.0f} s")
                     + (f" + {v['trained_length_pass']:.0f} s at {t}" if "trained_length_pass" in v else "")
                     for label, v in tm.get("methods", {}).items())
     load = f"model load {tm['load']:.0f} s, " if tm.get("load") is not None else ""
