@@ -75,12 +75,15 @@ def test_evaluate_ruler_scores_and_aggregates(tiny_model, tokenizer, tmp_path, m
     data.write_text(TEXT * 4 + " " + " ".join(f"{a}{b}" for a in WORDS for b in WORDS))
     asked = []
 
-    def oracle(model, tok, context, question_ids, **kwargs):
+    def oracle_one(tok, context, question_ids):
         question = tok.decode(question_ids)
         asked.append((context.length, question))
         sample = next(s for s in samples_seen if any(q.question == question for q in s.questions))
         q = next(q for q in sample.questions if q.question == question)
         return " ".join(q.references) if len(asked) % 2 else "no idea"
+
+    def oracle(model, tok, context, questions, **kwargs):  # answer_all's signature: all of a context's questions
+        return [oracle_one(tok, context, ids) for ids in questions]
 
     samples_seen = []
     real_build = ruler.build_sample
@@ -90,7 +93,7 @@ def test_evaluate_ruler_scores_and_aggregates(tiny_model, tokenizer, tmp_path, m
         samples_seen.append(sample)
         return sample
 
-    monkeypatch.setattr(ruler, "answer", oracle)
+    monkeypatch.setattr(ruler, "answer_all", oracle)
     monkeypatch.setattr(ruler, "build_sample", recording_build)
     base = RopeConfig.from_hf(model.config)
     runs = [MethodRun("default", base), MethodRun("yarn x4", base.extend("yarn", 4.0))]

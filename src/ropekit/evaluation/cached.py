@@ -77,9 +77,16 @@ def prefill(model, input_ids: torch.Tensor, *, nll: bool = True, chunk_size: int
     return Prefill(cache, ids.shape[1], losses)
 
 
-def _number_done(text: str) -> bool:
-    """The answer's first number is complete (digits followed by something else)."""
-    return re.search(r"\d+\D", text) is not None
+def _first_number_state(text: str, expected: str | None) -> str:
+    """"open" while the first number of ``text`` may still become ``expected``; "done" once it is decided."""
+    match = re.search(r"\d+", text)
+    if match is None:
+        return "open"
+    if match.end() < len(text):
+        return "done"  # the number is complete
+    if expected is not None and not expected.startswith(match.group(0)):
+        return "done"  # its digits already differ from the expected answer: greedy cannot recover it
+    return "open"
 
 
 @torch.inference_mode()
@@ -101,24 +108,13 @@ def answer(model, tokenizer, context: Prefill, question_ids: Sequence[int], *, m
             if token == eos:
                 break
             generated.append(token)
-            if stop_after_number and _number_done(tokenizer.decode(generated, skip_special_tokens=True)):
+            if stop_after_number and _first_number_state(tokenizer.decode(generated, skip_special_tokens=True),
+                                                          None) == "done":
                 break
             ids = torch.tensor([[token]], dtype=torch.long, device=device)
     finally:
         crop_cache(context.cache, context.length)
     return tokenizer.decode(generated, skip_special_tokens=True)
-
-
-def _first_number_state(text: str, expected: str | None) -> str:
-    """"open" while the first number of ``text`` may still become ``expected``; "done" once it is decided."""
-    match = re.search(r"\d+", text)
-    if match is None:
-        return "open"
-    if match.end() < len(text):
-        return "done"  # the number is complete
-    if expected is not None and not expected.startswith(match.group(0)):
-        return "done"  # its digits already differ from the expected answer: greedy cannot recover it
-    return "open"
 
 
 @torch.inference_mode()

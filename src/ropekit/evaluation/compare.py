@@ -39,6 +39,7 @@ from ropekit.evaluation import report
 from ropekit.evaluation.cached import answer_all, prefill
 from ropekit.evaluation.data import concatenated_tokens, load_documents
 from ropekit.evaluation.haystack import Haystack, build_haystack, line_start_mask, qa_tokens, question_ids
+from ropekit.evaluation.haystack import describe as describe_haystack
 from ropekit.evaluation.passkey import first_number
 from ropekit.evaluation.perplexity import DEFAULT_BUCKET_SIZE, DEFAULT_CHUNK_SIZE, rope_context, token_nll
 from ropekit.evaluation.stats import (
@@ -479,9 +480,7 @@ def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Pa
               "methods": {o.label: o.timing for o in outcomes}, "compare": round(run_s, 1)}
     result = CompareReport(model=loaded.source, trained_length=trained, target_length=target, factor=target / trained,
                            outcomes=outcomes, skipped=skipped, recommendation=recommendation, settings=settings,
-                           haystacks=[{"length": h.length, "needles": [
-                               {"label": n.label, "value": n.value, "start": n.start,
-                                "distance": n.distance(h.length)} for n in h.needles]} for h in haystacks],
+                           haystacks=[describe_haystack(h) for h in haystacks],
                            timing=timing, baseline=baseline.label, name=model_display_name(loaded))
     result.wall_time_s = round(run_s + (options.load_time_s or 0.0), 1)
     if out_dir is not None:

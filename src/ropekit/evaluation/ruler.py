@@ -13,7 +13,7 @@ Tasks (templates follow RULER's ``synthetic/constants.py``; the texts are genera
 
 Scoring is RULER's ``string_match_all``: the fraction of the reference strings found (case-insensitively) in the
 greedy answer. Each sample is prefilled once and all of its questions are answered from the cached context
-(``evaluation.cached``). Results per (method, task, length): mean score, n questions and a 95% interval (Wilson
+(``evaluation.cached.answer_all``: all of a context's questions decoded together). Results per (method, task, length): mean score, n questions and a 95% interval (Wilson
 for all-or-nothing scores, otherwise a bootstrap over questions).
 """
 
@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ropekit.evaluation.cached import answer, prefill
+from ropekit.evaluation.cached import answer_all, prefill
 from ropekit.evaluation.data import Document, concatenated_tokens, plain_ids, special_prefix_ids
 from ropekit.evaluation.perplexity import rope_context
-from ropekit.evaluation.stats import BOOTSTRAP_SAMPLES, wilson_interval
+from ropekit.evaluation.stats import mean_interval
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words", "frequent_words")
 
@@ -218,18 +218,6 @@ def word_vocabulary(documents: Iterable[Document], limit: int = 5000) -> list[st
     return sorted(words)[:limit] if len(words) > limit else sorted(words)
 
 
-def _interval(scores: Sequence[float], seed: int) -> tuple[float, float]:
-    if not scores:
-        return 0.0, 1.0
-    if all(s in (0.0, 1.0) for s in scores):
-        return wilson_interval(int(sum(scores)), len(scores))
-    values = torch.tensor(scores, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    means = values[torch.randint(0, len(scores), (BOOTSTRAP_SAMPLES, len(scores)), generator=gen)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
-
-
 @dataclass
 class RulerResult:
     """One method's RULER scores: ``cells[task][length]`` = {score, n, ci}; ``answers`` every question."""
@@ -289,9 +277,10 @@ def evaluate_ruler(model, tokenizer, runs: Sequence, lengths: Sequence[int], tas
                         patch.fix_length(n)
                     bar.set_postfix_str(f"{run.label} {t} @ {n}")
                     context = prefill(model, sample.context_ids, nll=False)
-                    for q in sample.questions:
-                        text = answer(model, tokenizer, context, plain_ids(tokenizer, q.question),
-                                      max_new_tokens=ANSWER_TOKENS[t], stop_after_number=False)
+                    texts = answer_all(model, tokenizer, context,
+                                       [plain_ids(tokenizer, q.question) for q in sample.questions],
+                                       max_new_tokens=ANSWER_TOKENS[t], stop_after_number=False)
+                    for q, text in zip(sample.questions, texts):
                         score = string_match_all(text, q.references)
                         scores[(t, n)].append(score)
                         records.append({"task": t, "length": n, "sample": i, "references": q.references,
@@ -302,7 +291,7 @@ def evaluate_ruler(model, tokenizer, runs: Sequence, lengths: Sequence[int], tas
             for t in tasks:
                 for n in lengths:
                     values = scores[(t, n)]
-                    lo, hi = _interval(values, seed)
+                    lo, hi = mean_interval(values, seed=seed)
                     cells.setdefault(t, {})[str(n)] = {"score": sum(values) / len(values), "n": len(values),
                                                        "ci": [lo, hi]}
             rope = run.rope

@@ -108,6 +108,18 @@ def perplexity_interval(nll: torch.Tensor, mask: torch.Tensor | None = None, *, 
     return ppl, math.exp(lo), math.exp(hi)
 
 
+def mean_interval(scores: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float]:
+    """Interval of the mean of per-question scores in [0, 1]: Wilson when every score is 0 or 1, else a bootstrap
+    over questions; (0, 1) for no scores."""
+    if not scores:
+        return 0.0, 1.0
+    if all(s in (0.0, 1.0) for s in scores):
+        return wilson_interval(int(sum(scores)), len(scores))
+    values = torch.tensor(scores, dtype=torch.float64)
+    return _percentiles(values[_resample(len(scores), samples, seed)].mean(1), level)
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     """log(ppl_a / ppl_b) on the same tokens, with a paired bucket-bootstrap interval.
