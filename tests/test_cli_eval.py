@@ -165,3 +165,27 @@ def test_demo_compare_picks_bf16_only_on_cpus_with_native_bf16(monkeypatch, nati
     seen.clear()
     invoke("compare", "--dtype", "float32")
     assert seen == {"dtype": "float32"}
+
+
+def test_a_command_checks_the_model_files_once(tiny_folder, text_file, tmp_path, monkeypatch):
+    """The pre-flight checks the files before anything else; the load that follows does not check them again."""
+    import ropekit.hf
+    import ropekit.hf.load
+
+    calls = []
+    original = ropekit.hf.load.check_model_source
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ropekit.hf, "check_model_source", counting)
+    monkeypatch.setattr(ropekit.hf.load, "check_model_source", counting)
+    result = invoke("eval", "ppl", tiny_folder, "--method", "yarn", "--factor", "2", "--lengths", "64",
+                    "--data", text_file, "--json", tmp_path / "ppl.json")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    # The library call on its own still checks (nobody did it before).
+    calls.clear()
+    ropekit.hf.load.load_model(tiny_folder, device="cpu")
+    assert len(calls) == 1

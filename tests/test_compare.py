@@ -254,3 +254,33 @@ def test_plan_with_a_factors_file_adds_a_longrope_row(tmp_path):
     row = next(p for p in plans if p.method == "longrope")
     assert row.label == "longrope (searched)" and row.skipped is None
     assert row.rope.long_factor[-1] == pytest.approx(1.0 + (pairs - 1) / pairs) and row.rope.factor == 2.0
+
+
+def test_a_longrope_recommendation_exports_with_its_factors_file(tiny_folder, tmp_path, monkeypatch):
+    """Per-pair factors have no flag: the recommended export line carries the factors file, and it runs."""
+    import shlex
+
+    from transformers import AutoConfig
+
+    from ropekit.cli import main
+    from ropekit.evaluation.compare import export_command
+    from ropekit.search.genome import method_factors
+
+    base = RopeConfig.from_hf(AutoConfig.from_pretrained(tiny_folder))
+    long_factor = list(method_factors(base, "yarn", 256)[0])
+    path = tmp_path / "factors.json"
+    path.write_text(json.dumps({"rope_type": "longrope", "short_factor": [1.0] * len(long_factor),
+                                "long_factor": long_factor, "factor": 4.0, "original_max_position_embeddings": 64,
+                                "max_position_embeddings": 256, "attention_factor": 1.0}))
+    cfg = base.extend("longrope", 4.0, factors_file=path)
+    command = export_command(str(tiny_folder), cfg, 256, factors_file=path)
+    argv = shlex.split(command)
+    assert argv[argv.index("--factors-file") + 1] == str(path.resolve())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(argv[1:])
+    assert done.value.code in (0, None)
+    params = AutoConfig.from_pretrained(tmp_path / argv[argv.index("--out") + 1]).rope_parameters
+    assert params["rope_type"] == "longrope" and list(params["long_factor"]) == pytest.approx(long_factor)
+    # Without the file the line would not say which factors: it is only added when there are per-pair factors.
+    assert "--factors-file" not in export_command(str(tiny_folder), base.extend("yarn", 4.0), 256, factors_file=path)

@@ -213,12 +213,11 @@ def test_rope_from_source_reads_configs_and_gguf_files(tmp_path, no_loading):
     import gguf
     import numpy as np
 
-    from ropekit.commands.common import rope_from_source as cli_rope_from_source
     from ropekit.hf.load import rope_from_source
 
     cfg, name = rope_from_source("demo")
     assert name == "SmolLM2-135M-Instruct (demo)" and (cfg.base, cfg.method, cfg.trained_length) == (1e5, "default", 8192)
-    assert cli_rope_from_source(None) == (cfg, name)  # the CLI's helper is the library's
+    assert rope_from_source(None) == (cfg, name)
 
     _, folder = save_tiny(tmp_path, "qwen2")
     cfg, name = rope_from_source(folder / "config.json")

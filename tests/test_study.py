@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from ropekit.training.data import ByteTokenizer
+from ropekit.evaluation.passkey import FILLER, QUESTION, passkey_prompt
 from ropekit.training.study import (
+    ANSWER_LEN,
     KEY_DIGITS,
     MIN_PROMPT,
-    QUESTION,
     QUICK,
     StudySizes,
     keys_correct,
@@ -22,7 +23,7 @@ from ropekit.training.study import (
     loss_spans,
     span_means,
     observations,
-    passkey_prompt,
+    passkey_ids,
     passkey_rows,
     pose_section,
     run_study,
@@ -30,41 +31,54 @@ from ropekit.training.study import (
     summary_markdown,
 )
 
-TINY = dataclasses.replace(QUICK, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, train_len=128, factor=4,
+TINY = dataclasses.replace(QUICK, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, train_len=256, factor=4,
                            pretrain_steps=4, pretrain_batch=4, finetune_steps=2, finetune_batch=1, eval_windows=1,
-                           passkey_samples=2, max_files=20)
+                           passkey_samples=2, max_files=20, search_budget=4, search_population=3, search_needles=2)
 
 
-def test_passkey_prompt_has_exact_length_and_ends_with_the_key():
+def test_passkey_rows_are_the_evaluation_prompt_without_instruction_plus_the_answer():
+    tok = ByteTokenizer()
     for length in (MIN_PROMPT, 256, 1000):
         for depth in (0.0, 0.5, 1.0):
-            text = passkey_prompt(length, depth, "40213", offset=7)
-            assert len(ByteTokenizer().encode(text)) == length
-            assert text.endswith(QUESTION + "40213")
+            ids = passkey_ids(length, depth, "40213")
+            assert len(ids) == length
+            text = tok.decode(ids)
+            assert text.endswith(QUESTION + " 40213")
             assert text.count("The pass key is 40213. Remember it.") == 1
-    early, late = passkey_prompt(1000, 0.1, "11111"), passkey_prompt(1000, 0.9, "11111")
+            assert "important info" not in text  # no instruction: it would not fit 256 bytes
+            # The prompt part is exactly the evaluation's own prompt (one prompt builder for both).
+            shared = passkey_prompt(tok, length - ANSWER_LEN, depth, "40213", instruction="")
+            assert ids[:-ANSWER_LEN] == shared.input_ids.tolist()
+    early, late = tok.decode(passkey_ids(1000, 0.1, "11111")), tok.decode(passkey_ids(1000, 0.9, "11111"))
     assert early.index("The pass key") < late.index("The pass key")
-    with pytest.raises(ValueError, match="cannot hold a passkey prompt"):
-        passkey_prompt(50, 0.5, "12345")
+    assert FILLER.strip() in early
+    with pytest.raises(ValueError, match="a passkey prompt needs at least"):
+        passkey_ids(MIN_PROMPT - 1, 0.5, "12345")
 
 
 def test_passkey_rows_have_random_keys_and_full_positions():
     rows = passkey_rows(4, 200, random.Random(0))
     assert rows.input_ids.shape == (4, 200)
     assert torch.equal(rows.position_ids[0], torch.arange(200))
-    keys = {ByteTokenizer().decode(r[-KEY_DIGITS:].tolist()) for r in rows.input_ids}
-    assert len(keys) > 1 and all(k.isdigit() for k in keys)
+    answers = {ByteTokenizer().decode(r[-ANSWER_LEN:].tolist()) for r in rows.input_ids}
+    assert len(answers) > 1 and all(a[0] == " " and a[1:].isdigit() and len(a) == 1 + KEY_DIGITS for a in answers)
 
 
 def test_keys_correct_scores_teacher_forced_argmax():
-    ids = torch.tensor([[5, 6, 7, 1, 2, 3, 4, 5], [5, 6, 7, 1, 2, 3, 4, 5]])
-    logits = torch.zeros(2, 8, 10)
+    ids = torch.tensor([[5, 6, 7, 9, 1, 2, 3, 4, 5], [5, 6, 7, 9, 1, 2, 3, 4, 5]])
+    logits = torch.zeros(2, 9, 10)
     # Position t predicts token t+1: a perfect model puts its maximum on ids[t+1].
-    logits[torch.arange(2)[:, None], torch.arange(7)[None], ids[:, 1:]] = 1.0
+    logits[torch.arange(2)[:, None], torch.arange(8)[None], ids[:, 1:]] = 1.0
     assert keys_correct(logits, ids).tolist() == [True, True]
     logits[1, 5, ids[1, 6]] = 0.0
     logits[1, 5, 0] = 1.0  # one wrong digit fails the row
     assert keys_correct(logits, ids).tolist() == [True, False]
+    logits[1, 5, 0] = 0.0
+    logits[1, 5, ids[1, 6]] = 1.0
+    logits[0, 2, ids[0, 3]] = 0.0  # the space before the key (ANSWER_LEN = 6 positions) counts too
+    logits[0, 2, 0] = 1.0
+    assert keys_correct(logits, ids).tolist() == [False, True]
+    assert keys_correct(logits, ids, answer_len=5).tolist() == [True, True]
 
 
 def test_stdlib_split_is_disjoint_and_stable():
@@ -77,15 +91,17 @@ def test_stdlib_split_is_disjoint_and_stable():
 
 def test_sizes_validation_and_lengths():
     assert StudySizes().eval_lengths == [256, 512, 1024, 2048]
-    assert dataclasses.replace(TINY, factor=4).eval_lengths == [128, 256, 512]
+    assert dataclasses.replace(TINY, factor=4).eval_lengths == [256, 512, 1024]
     with pytest.raises(ValueError, match="factor: must be >= 2"):
         dataclasses.replace(TINY, factor=1)
     with pytest.raises(ValueError, match="kv_heads: must divide heads"):
         dataclasses.replace(TINY, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match="train_len: must be >="):
         dataclasses.replace(TINY, train_len=64)
-    with pytest.raises(ValueError, match=r"pose_window: must be 0 \(no PoSE run\) or in \[\d+, 512\)"):
-        dataclasses.replace(TINY, pose_window=512)
+    with pytest.raises(ValueError, match=r"pose_window: must be 0 \(no PoSE run\) or in \[193, 1024\)"):
+        dataclasses.replace(TINY, pose_window=1024)
+    with pytest.raises(ValueError, match=r"pose_window: must be 0 \(no PoSE run\) or in \[193, 1024\)"):
+        dataclasses.replace(TINY, pose_window=192)
     assert dataclasses.replace(TINY, pose_window=0).pose_window == 0
 
 
@@ -123,36 +139,49 @@ def test_observations_follow_the_numbers():
 
 def test_tiny_study_end_to_end(tmp_path):
     out = tmp_path / "study"
-    results = run_study(out, TINY, ("default", "linear", "yarn"), progress=False, log=lambda *_: None)
+    results = run_study(out, TINY, ("default", "linear", "yarn", "longrope"), progress=False, log=lambda *_: None)
     for name in ("summary.md", "results.json", "ppl_vs_position.png", "training_curves.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
-    assert saved["methods"] == ["default", "linear", "yarn"]
-    assert saved["eval_lengths"] == [128, 256, 512]
+    assert saved["methods"] == ["default", "linear", "yarn", "longrope"]
+    assert saved["eval_lengths"] == [256, 512, 1024]
     for stage in ("before", "after"):
         for method in saved["methods"]:
             ppl = saved[stage][method]["ppl"]
-            assert set(ppl) == {"128", "256", "512"}
+            assert set(ppl) == {"256", "512", "1024"}
             assert all(math.isfinite(v) and v > 1 for v in ppl.values())
     assert len(saved["pretrain_history"]) == 4
     assert all(len(h) == 2 for h in saved["finetune_history"].values())
     # Fine-tuning changed each model: the "after" numbers are not the "before" ones.
-    assert saved["after"]["yarn"]["ppl"]["512"] != saved["before"]["yarn"]["ppl"]["512"]
+    assert saved["after"]["yarn"]["ppl"]["1024"] != saved["before"]["yarn"]["ppl"]["1024"]
     # The same config gives the same evaluation before fine-tuning (no scaling = the pretrained model).
     md = (out / "summary.md").read_text()
     assert summary_markdown(load_results(out / "results.json")) == md  # the report is rebuilt from the JSON
-    first = results["before"]["default"]["ppl"][128]
+    first = results["before"]["default"]["ppl"][256]
     assert f"| no scaling | {first:.3f} |" in md
     assert "Perplexity after fine-tuning" in md and "Passkey accuracy before fine-tuning" in md
-    # PoSE: YaRN fine-tuned again on 128-byte windows with ids up to 512, set beside its full-length run.
+    # PoSE: YaRN fine-tuned again on 256-byte windows with ids up to 1024, set beside its full-length run.
     pose = saved["pose"]
-    assert pose["method"] == "yarn" and pose["window"] == 128
+    assert pose["method"] == "yarn" and pose["window"] == 256
     assert len(pose["pose"]["history"]) == TINY.finetune_steps
     assert 0 < pose["pose"]["activation_bytes"] < pose["full"]["activation_bytes"]
     assert pose["full"]["ppl"] == saved["after"]["yarn"]["ppl"]
-    assert pose["pose"]["ppl"]["512"] != saved["after"]["yarn"]["ppl"]["512"]
+    assert pose["pose"]["ppl"]["1024"] != saved["after"]["yarn"]["ppl"]["1024"]
     assert "## PoSE vs full-length fine-tuning (YaRN, 2 steps each" in md
-    assert "| PoSE, window 128 | 128 bytes |" in md
+    # LongRoPE: factors searched on the pretrained model (budget 4 forwards), evaluated and fine-tuned like the rest.
+    search = saved["search"]
+    assert search["forwards"] <= TINY.search_budget and search["target_length"] == 1024
+    assert set(search["seeds"]) >= {"yarn", "ntk", "pi"}
+    rope = saved["before"]["longrope"]["rope"]
+    assert rope["method"] == "longrope" and list(rope["long_factor"]) == search["long_factor"]
+    assert all(a <= b for a, b in zip(search["long_factor"], search["long_factor"][1:]))
+    # At the trained length LongRoPE rotates with its short factors (all 1): only the attention factor differs
+    # from the unscaled model, so the two perplexities differ exactly when that factor is not 1.
+    same = saved["before"]["longrope"]["ppl"]["256"] == saved["before"]["default"]["ppl"]["256"]
+    assert same == (search["attention_factor"] == 1.0)
+    assert "## LongRoPE factor search (1024 bytes, before fine-tuning)" in md
+    assert "Searched LongRoPE vs YaRN at 4x, no fine-tuning" in md
+    assert "| PoSE, window 256 | 256 bytes |" in md
 
 
 def test_pose_section_follows_the_numbers():
@@ -182,8 +211,10 @@ def test_study_command_rejects_bad_sizes(tmp_path):
     result = CliRunner().invoke(app, ["study", "--quick", "--out", str(tmp_path), "--factor", "1"])
     assert result.exit_code != 0
     assert "--factor: must be >= 2" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["study", "--quick", "--out", str(tmp_path), "--methods", "longrope"])
-    assert result.exit_code != 0 and "--methods: 'longrope' not accepted" in result.output
+    result = CliRunner().invoke(app, ["study", "--quick", "--out", str(tmp_path), "--methods", "yarn,rope2"])
+    assert result.exit_code != 0 and "--methods: 'rope2' not accepted" in result.output
+    result = CliRunner().invoke(app, ["study", "--quick", "--out", str(tmp_path), "--search-budget", "1"])
+    assert result.exit_code != 0 and "--search-budget: must be an integer >= 2" in result.output
 
 
 def test_loss_spans_cover_every_step():

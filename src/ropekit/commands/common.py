@@ -228,6 +228,8 @@ def check_positive(**values: float | int | None) -> None:
 def model_rope_or_exit(source: str | None):
     """(RopeConfig, display name) of ``source`` from its config alone, after checking that its weights and
     tokenizer are there: every model problem is reported before any weight is loaded."""
+    from ropekit.hf.load import rope_from_source
+
     try:
         _check_model_files(source)
         return rope_from_source(source)
@@ -241,27 +243,12 @@ def _check_model_files(source: str | None) -> None:
     check_model_source(source or "demo")
 
 
-# GGUF architectures without rotary embeddings (learned or ALiBi positions).
-GGUF_NO_ROPE_ARCHS = {"gpt2", "bloom", "mpt", "starcoder", "refact", "bert", "nomic-bert", "jina-bert-v2", "t5",
-                      "t5encoder", "mamba", "rwkv6", "jais"}
-# Config keys that show a model has RoPE, for families ropekit cannot patch but can still inspect.
-ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_pct", "rotary_dim", "rotary_emb_base",
-             "partial_rotary_factor")
-
-
-def rope_from_source(source: str | None) -> tuple[RopeConfig, str]:
-    """(RopeConfig, display name) of a model source, from its config or GGUF file only:
-    ``ropekit.hf.load.rope_from_source`` (kept here for older imports)."""
-    from ropekit.hf.load import rope_from_source as library_rope_from_source
-
-    return library_rope_from_source(source)
-
-
 def load_model_or_exit(source: str | None, *, device: str = "auto", dtype: str | None = None):
-    """``ropekit.hf.load_model`` with its errors turned into one-line CLI errors (exit 2)."""
+    """``ropekit.hf.load_model`` with its errors turned into one-line CLI errors (exit 2). Every command runs
+    ``model_rope_or_exit`` (the file checks) first, so the load does not check the files again."""
     from ropekit.hf import load_model
 
     try:
-        return load_model(source or "demo", device=device, dtype=dtype)
+        return load_model(source or "demo", device=device, dtype=dtype, check_files=False)
     except (FileNotFoundError, ValueError) as exc:
         error_exit(str(exc))

@@ -11,14 +11,13 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from ropekit.commands.common import (  # noqa: F401 (rope_from_source re-exported for older imports)
+from ropekit.commands.common import (
     MODEL_HELP,
     ModelArg,
     OverwriteOpt,
     check_file_or_exit,
     check_out_or_exit,
     error_exit,
-    rope_from_source,
 )
 
 def register(app: typer.Typer) -> None:
@@ -47,6 +46,8 @@ def register(app: typer.Typer) -> None:
             check_out_or_exit(out, overwrite)
         check_file_or_exit(json_file, overwrite)
         try:
+            from ropekit.hf.load import rope_from_source
+
             cfg, name = rope_from_source(model)
             report = inspect_rope(cfg, target_length, name=name)
         except (FileNotFoundError, ValueError) as exc:

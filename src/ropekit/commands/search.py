@@ -29,7 +29,10 @@ from ropekit.commands.common import (
 HELP = ("Search LongRoPE per-pair factors that extend MODEL to --target-length without fine-tuning: an evolutionary "
         "search seeded with PI, NTK and YaRN (LongRoPE2's parameterisation: only pairs from the critical dimension "
         "on are searched), scored by needle-driven perplexity (answer tokens of many needles in one long context, "
-        "plus the text's own perplexity) with a guard on short-range perplexity. Writes factors.json (for "
+        "plus the text's own perplexity) with a guard on short-range perplexity. The attention factor (cos/sin "
+        "scale) is fixed (YaRN's, or --attention-factor), or searched as one more gene with --search-attention, "
+        "guarded by the perplexity of the first trained-length tokens run alone (transformers' longrope applies "
+        "the attention factor to short sequences too). Writes factors.json (for "
         "--factors-file and transformers' longrope), the search log, progress.png and factors.png to --out; "
         "checkpoints after every candidate (--resume continues exactly). MODEL: " + MODEL_HELP)
 
@@ -44,8 +47,10 @@ def register(app: typer.Typer) -> None:
                                           "with --resume)")] = ...,
         data: Annotated[Optional[str], typer.Option("--data", "-d", help="text of the fitness haystack: a text "
                                                     "file, a folder, a .jsonl file, or 'stdlib' (default)")] = None,
-        budget: Annotated[Optional[int], typer.Option("--budget", help="forward passes at most, the guard's "
-                                                      "reference included (default: no limit)")] = None,
+        budget: Annotated[Optional[int], typer.Option("--budget", help="forward passes at most: the guard's "
+                                                      "reference and the candidates' (the trained-length forwards of "
+                                                      "--search-attention's guard, one per attention value, are not "
+                                                      "counted; default: no limit)")] = None,
         population: Annotated[int, typer.Option("--population", help="population size (generation 0 evaluates "
                                                 "it all, later ones half of it)")] = 8,
         generations: Annotated[int, typer.Option("--generations", help="generations at most")] = 5,
@@ -58,9 +63,22 @@ def register(app: typer.Typer) -> None:
                                             "NTK curve through the first gene) or yarn (YaRN's factors)")] = "ntk",
         max_factor: Annotated[Optional[float], typer.Option("--max-factor", help="largest factor a gene may take "
                                                             "(default 2 x the scale)")] = None,
+        mutation_step: Annotated[float, typer.Option("--mutation-step", help="size of a mutation: the sigma of "
+                                                     "the log-normal step of a moved gene (0.15 = about 15%)")] = 0.15,
         attention_factor: Annotated[Optional[float], typer.Option(
             "--attention-factor", help="attention factor (cos/sin scale) of every candidate (default YaRN's "
-                                       "0.1 ln s + 1, so that the YaRN seed is YaRN exactly)")] = None,
+                                       "0.1 ln s + 1, so that the YaRN seed is YaRN exactly; not with "
+                                       "--search-attention)")] = None,
+        search_attention: Annotated[bool, typer.Option(
+            "--search-attention", help="search the attention factor too, as one more gene in [1, 1 + 0.2 ln s] "
+                                       "(each seed starts from its method's own); a guard adds a penalty when the "
+                                       "perplexity of the first trained-length tokens, run alone with the "
+                                       "candidate's attention factor, exceeds the unscaled model's by more than "
+                                       "--short-tolerance (one extra forward of that length per attention value)")
+        ] = False,
+        short_tolerance: Annotated[float, typer.Option(
+            "--short-tolerance", help="with --search-attention: the fraction by which short-context perplexity "
+                                      "may grow before the guard penalises it")] = 0.01,
         tolerance: Annotated[float, typer.Option("--tolerance", help="short-range perplexity may grow by this "
                                                  "fraction before the guard penalises it")] = 0.05,
         text_weight: Annotated[float, typer.Option("--text-weight", help="weight of the text NLL beside the "
@@ -86,12 +104,19 @@ def register(app: typer.Typer) -> None:
             error_exit(f"--genes: {genes!r} not accepted; accepted: {', '.join(GENE_MODES)}")
         if refill not in REFILLS:
             error_exit(f"--refill: {refill!r} not accepted; accepted: {', '.join(REFILLS)}")
+        if not 0 < mutation_step <= 2:
+            error_exit(f"--mutation-step: must be in (0, 2], got {mutation_step}")
         if tolerance < 0:
             error_exit(f"--tolerance: must be >= 0, got {tolerance}")
         if text_weight < 0:
             error_exit(f"--text-weight: must be >= 0, got {text_weight}")
         if attention_factor is not None and not attention_factor > 0:
             error_exit(f"--attention-factor: must be > 0, got {attention_factor}")
+        if search_attention and attention_factor is not None:
+            error_exit("--search-attention: searches the attention factor; do not fix it with --attention-factor "
+                       "as well")
+        if short_tolerance < 0:
+            error_exit(f"--short-tolerance: must be >= 0, got {short_tolerance}")
         from ropekit.output import OutputError
         from ropekit.search.run import check_search_folder
 
@@ -123,7 +148,9 @@ def register(app: typer.Typer) -> None:
 
         options = SearchOptions(target_length=target_length, budget=budget, population=population,
                                 generations=generations, patience=patience, seed=seed, needles=needles, genes=genes,
-                                refill=refill, max_factor=max_factor, attention_factor=attention_factor,
+                                refill=refill, max_factor=max_factor, mutation_step=mutation_step,
+                                attention_factor=attention_factor, search_attention=search_attention,
+                                short_tolerance=short_tolerance,
                                 tolerance=tolerance, text_weight=text_weight, chunk_size=chunk_size)
         command = "ropekit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         try:
@@ -134,12 +161,21 @@ def register(app: typer.Typer) -> None:
             message = str(exc)
             if message.startswith("data:"):
                 fail_on("--data", message)
-            error_exit(message.replace("target_length:", "--target-length:", 1))
+            for name, flag in (("target_length:", "--target-length:"), ("search_attention:", "--search-attention:")):
+                message = message.replace(name, flag, 1)
+            error_exit(message)
         rec = result.factors["search"]
         yarn = rec["seeds"].get("yarn", {}).get("score")
         typer.echo(f"best #{result.best.id} ({result.best.origin}, generation {result.best.generation}): score "
                    f"{result.best.score:.4f}" + (f", YaRN {yarn:.4f}" if yarn is not None else "")
-                   + f"; {result.forwards} forwards, stopped: {result.stopped}")
+                   + f"; {result.forwards} forwards (+{rec['short_forwards']} short-context forwards of {trained} "
+                   f"tokens), stopped: {result.stopped}")
+        att = rec["attention"]
+        ratio = att.get("short_ratio")
+        typer.echo(f"attention factor {att['attention_factor']:.4f} "
+                   + (f"(searched in [{att['low']:.4f}, {att['high']:.4f}])" if att["searched"] else "(fixed)")
+                   + (f"; short-context perplexity x{ratio:.4f} of the unscaled model's at {trained} tokens"
+                      if ratio is not None else "; short context not measured (no text below the trained length)"))
         typer.echo(f"wrote {Path(out) / 'factors.json'} (use: --method longrope --factors-file "
                    f"{Path(out) / 'factors.json'})")
         if export is not None:

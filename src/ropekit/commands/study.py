@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from ropekit.training.study import STUDY_METHODS
+
 
 def register(app: typer.Typer) -> None:
     app.command("study")(study_command)
@@ -19,8 +21,9 @@ def study_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder holding other files (they are "
                                                               "kept)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a couple of minutes, for a smoke test."),
-    methods: str = typer.Option(",".join(("default", "linear", "ntk", "dynamic", "yarn")), "--methods",
-                                help="Comma-separated: default (no scaling), linear, ntk, dynamic, yarn."),
+    methods: str = typer.Option(",".join(STUDY_METHODS), "--methods",
+                                help="Comma-separated: default (no scaling), linear, ntk, dynamic, yarn, longrope "
+                                     "(factors searched on the pretrained model)."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="Model width (default 128; quick 64)."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Decoder layers (default 4; quick 2)."),
     heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads (default 4)."),
@@ -40,14 +43,17 @@ def study_command(
     pose_window: Optional[int] = typer.Option(None, "--pose-window", help="Also fine-tune YaRN with PoSE on windows "
                                               "of this many bytes, same steps, and compare (default 256; quick 128; "
                                               "0: skip)."),
+    search_budget: Optional[int] = typer.Option(None, "--search-budget", help="Forwards of the LongRoPE factor "
+                                                "search (default 96; quick 16)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Pretrain a small Llama-style model at a short length on the Python standard library, evaluate it at
-    2x/4x/8x with no scaling, linear, NTK, dynamic NTK and YaRN, fine-tune each at the long length, evaluate
-    again, and write OUT/summary.md with tables and plots. The default run takes under 30 minutes on 2 CPU cores.
+    """Pretrain a small Llama-style model at a short length on the Python standard library, search LongRoPE
+    factors for it, evaluate it at 2x/4x/8x with no scaling, linear, NTK, dynamic NTK, YaRN and the searched
+    LongRoPE, fine-tune each at the long length (and YaRN again with PoSE on short windows), evaluate again, and
+    write OUT/summary.md with tables and plots. The default run takes about 10 minutes on 2 CPU cores.
     """
     from ropekit.commands.common import check_out_or_exit, cli_message, error_exit, flags_for
-    from ropekit.training.study import QUICK, STUDY_METHODS, StudySizes, run_study
+    from ropekit.training.study import QUICK, StudySizes, run_study
 
     check_out_or_exit(out, overwrite)
 
@@ -56,7 +62,8 @@ def study_command(
                                      pretrain_lr=pretrain_lr, finetune_steps=finetune_steps,
                                      finetune_batch=finetune_batch, finetune_lr=finetune_lr,
                                      eval_windows=eval_windows, passkey_samples=passkey_samples,
-                                     seed=seed, pose_window=pose_window).items() if v is not None}
+                                     seed=seed, pose_window=pose_window, search_budget=search_budget).items()
+              if v is not None}
     try:
         sizes = dataclasses.replace(QUICK if quick else StudySizes(), **chosen)
         names = tuple(m.strip() for m in methods.split(",") if m.strip())

@@ -468,7 +468,8 @@ def run_compare(loaded, options: CompareOptions | None = None, out_dir: str | Pa
              for label, _ in measured.values()}
     recommendation = recommend(outcomes, trained, target, baseline.label, model_source=loaded.source,
                                twins=twins, windows=options.windows, pairs=pairs,
-                               buckets_per_window=math.ceil(mask.shape[1] / options.bucket_size))
+                               buckets_per_window=math.ceil(mask.shape[1] / options.bucket_size),
+                               factors_file=factors_file)
     settings = {"windows": options.windows, "needles_per_window": options.needles,
                 "context_tokens": haystacks[0].length, "bucket_size": options.bucket_size, "seed": options.seed,
                 "data": str(options.data) if options.data else "stdlib",
@@ -538,10 +539,16 @@ def _ppl(o: MethodOutcome) -> str:
     return f"{report.fmt(o.ppl_target)} [{report.fmt(lo)}, {report.fmt(hi)}]"
 
 
-def export_command(model_source: str, rope: RopeConfig, target_length: int) -> str:
-    """The ``ropekit export`` command line that writes a checkpoint with ``rope`` (flags from the registry)."""
+def export_command(model_source: str, rope: RopeConfig, target_length: int,
+                   factors_file: str | Path | None = None) -> str:
+    """The ``ropekit export`` command line that writes a checkpoint with ``rope`` (flags from the registry).
+    Per-pair factors (longrope) have no flag of their own: they travel as ``--factors-file``, the file they were
+    read from (absolute, so the line runs from any folder)."""
     spec = get_method(rope.method)
     parts = ["ropekit", "export", model_source or "demo", "--method", spec.name]
+    lists = [p for p in spec.params if p.type == "float_list" and getattr(rope, p.field, None) is not None]
+    if lists and factors_file is not None:
+        parts += ["--factors-file", str(Path(factors_file).resolve())]
     for p in spec.params:
         value = getattr(rope, p.field, None)
         if value is None or p.field == "original_max_position" or p.type == "float_list":
@@ -555,7 +562,7 @@ def export_command(model_source: str, rope: RopeConfig, target_length: int) -> s
 def recommend(outcomes: Sequence[MethodOutcome], trained: int, target: int, baseline_label: str, *,
               model_source: str = "demo", twins: dict[str, list[str]] | None = None, windows: int = 1,
               pairs: dict[tuple[str, str], PairedDifference] | None = None,
-              buckets_per_window: int = 1) -> Recommendation:
+              buckets_per_window: int = 1, factors_file: str | Path | None = None) -> Recommendation:
     """The recommended exportable configuration and the "which method and why" paragraph, from the numbers.
 
     ``outcomes`` ranked (``rank_outcomes``); ``twins``: groups of labels measured once (same rotation at the
@@ -636,7 +643,8 @@ def recommend(outcomes: Sequence[MethodOutcome], trained: int, target: int, base
                            + (f"; {' and '.join(more)} would separate" if more else "") + ")")
         sentences.append(f"Tied with it at this sample size ({windows} context(s), {pick.retrieval_queries} "
                          f"queries): " + "; ".join(details) + ".")
-    command = (export_command(model_source, pick.config, target)
+    command = (export_command(model_source, pick.config, target,
+                              factors_file=factors_file if pick.method == "longrope" else None)
                if pick.exportable and pick.config is not None and pick.label != baseline_label else None)
     if command:
         sentences.append(f"Export: `{command}`.")

@@ -61,11 +61,13 @@ def check_depth(depth: float) -> float:
     return float(depth)
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> RetrievalPrompt:
-    """A passkey prompt of exactly ``length`` tokens: whole filler sentences, the key sentence after
-    ``round(depth * units)`` of them, the rest of the filler (its last sentence cut to fit), the question."""
+def passkey_prompt(tokenizer, length: int, depth: float, key: str, *, instruction: str = INSTRUCTION
+                   ) -> RetrievalPrompt:
+    """A passkey prompt of exactly ``length`` tokens: the instruction, whole filler sentences, the key sentence
+    after ``round(depth * units)`` of them, the rest of the filler (its last sentence cut to fit), the question.
+    ``instruction=""`` leaves the instruction out (a model trained on a few hundred tokens has no room for it)."""
     depth = check_depth(depth)
-    head = special_prefix_ids(tokenizer) + plain_ids(tokenizer, INSTRUCTION)
+    head = special_prefix_ids(tokenizer) + (plain_ids(tokenizer, instruction) if instruction else [])
     unit = plain_ids(tokenizer, FILLER)
     needle = plain_ids(tokenizer, KEY_SENTENCE.format(key=key))
     question = plain_ids(tokenizer, QUESTION)
@@ -79,6 +81,12 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> RetrievalP
     start = len(head) + len(unit) * before
     return RetrievalPrompt(torch.tensor(ids, dtype=torch.long), key, depth, start, start + len(needle),
                            len(head), len(ids) - len(question))
+
+
+def answer_ids(tokenizer, key: str) -> list[int]:
+    """The tokens of the expected answer after the question (" 48213"): what a model trained on passkey
+    prompts learns to write, and what a teacher-forced score checks."""
+    return plain_ids(tokenizer, " " + key)
 
 
 def first_number(text: str) -> str | None:

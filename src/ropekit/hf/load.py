@@ -380,6 +380,7 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     gguf_file: str | None = None,
+    check_files: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -389,6 +390,7 @@ def load_model(
         device: "auto" (cuda when available), "cpu" or "cuda".
         dtype: None (bfloat16 on a GPU, float32 on the CPU), "float32", "bfloat16" or "float16".
         gguf_file: the file name inside ``source`` (a folder or hub repo) when loading a GGUF that way.
+        check_files: run ``check_model_source`` first (False: the caller just did, as the CLI's pre-flight does).
     Raises:
         FileNotFoundError: a local path, config.json, weights or tokenizer that does not exist (or a hub id that
             cannot be found).
@@ -411,7 +413,8 @@ def load_model(
     label = str(source)
     if str(source) == "demo":
         source = demo_model_path()
-    check_model_source(source, gguf_file)
+    if check_files:
+        check_model_source(source, gguf_file)
     path = Path(str(source)).expanduser()
     is_local = path.exists()
 

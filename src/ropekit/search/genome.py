@@ -22,6 +22,12 @@ multiplied by exp(N(0, sigma)) with probability ``p`` (reflected off the bounds)
 are sorted (the nearest non-decreasing vector with the same values). Crossover takes each gene from the second
 parent with probability 1/2; a child out of order is retried (up to 20 times), then replaced by a mutation of
 the first parent (as LongRoPE's code does).
+
+The attention factor (``AttentionSpace``, ``--search-attention``): optionally one more gene after the factor
+genes, the cos/sin scale of transformers' longrope. An individual is then the vector (pairs factors...,
+attention). The attention gene lives on a 0.005 grid in [1, 1 + 0.2 ln s] (twice YaRN's 0.1 ln s) and moves by a
+Gaussian step reflected off the bounds; the seeds carry their method's own attention (YaRN's 0.1 ln s + 1, 1.0
+for PI and NTK, the model's own for its own factors).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ REFILLS = ("ntk", "yarn")
 GRID = 0.01  # genes live on this grid (LongRoPE's step), so the cache sees equal genomes as equal
 CROSSOVER_TRIES = 20
 SEED_METHODS = ("yarn", "ntk", "pi")
+ATTENTION_GRID = 0.005  # the attention gene's grid (a step of 0.005 changes the logits by about 1%)
+ATTENTION_STEP = 0.02  # sigma of the attention gene's Gaussian mutation step
 
 
 def critical_dimension(rotary_dim: int, base: float, trained_length: int) -> int:
@@ -77,13 +85,36 @@ def seed_factors(base_cfg: RopeConfig, target_length: int, methods: Sequence[str
     """``{name: per-pair factors}`` of the seed methods (pi, ntk, yarn), plus ``"own"``: the model's own long
     factors when it is a LongRoPE model with factors of the right size."""
     out = {m: method_factors(base_cfg, m, target_length)[0] for m in methods}
-    if base_cfg.method == "longrope" and base_cfg.long_factor and len(base_cfg.long_factor) == base_cfg.rotary_dim // 2:
+    if _has_own_factors(base_cfg):
         out["own"] = tuple(float(x) for x in base_cfg.long_factor)
+    return out
+
+
+def _has_own_factors(base_cfg: RopeConfig) -> bool:
+    """A LongRoPE model with long factors of the right size (the ``"own"`` seed)."""
+    return bool(base_cfg.method == "longrope" and base_cfg.long_factor
+                and len(base_cfg.long_factor) == base_cfg.rotary_dim // 2)
+
+
+def seed_attentions(base_cfg: RopeConfig, target_length: int, methods: Sequence[str] = SEED_METHODS,
+                    ) -> dict[str, float]:
+    """``{name: attention factor}`` that goes with each of ``seed_factors``: the method's own (YaRN's 0.1 ln s +
+    1; 1.0 for PI and NTK), and for ``"own"`` the model's own LongRoPE attention factor (its
+    ``attention_factor``, else the longrope default, 1.0 when the model's own factor is <= 1)."""
+    out = {m: method_factors(base_cfg, m, target_length)[1] for m in methods}
+    if _has_own_factors(base_cfg):
+        from ropekit.methods.longrope import attention_scale
+
+        out["own"] = float(attention_scale(base_cfg))
     return out
 
 
 def on_grid(x: float) -> float:
     return round(round(x / GRID) * GRID, 6)
+
+
+def on_attention_grid(x: float) -> float:
+    return round(round(x / ATTENTION_GRID) * ATTENTION_GRID, 6)
 
 
 @dataclass
@@ -172,8 +203,12 @@ class FactorSpace:
     def mutate(self, genes: Sequence[float], rng: random.Random) -> tuple[float, ...]:
         """Each gene moves by a log-normal step with probability ``p_mutate`` (at least one moves); the result
         is projected (clipped, on the grid, sorted)."""
-        genes = list(genes)
         moved = [i for i in range(len(genes)) if rng.random() < self.p_mutate] or [rng.randrange(len(genes))]
+        return self.move(genes, moved, rng)
+
+    def move(self, genes: Sequence[float], moved: Sequence[int], rng: random.Random) -> tuple[float, ...]:
+        """The genes at the indices ``moved`` take a log-normal step (the rest stay); the result is projected."""
+        genes = list(genes)
         lo, hi = math.log(self.low), math.log(self.high)
         for i in moved:
             # A step in log space, reflected off the bounds (a clipped step would leave a gene at its bound
@@ -195,12 +230,14 @@ class FactorSpace:
 
 
 def make_space(base_cfg: RopeConfig, target_length: int, *, genes: str = "critical", refill: str = "ntk",
-               max_factor: float | None = None, min_factor: float | None = None) -> FactorSpace:
+               max_factor: float | None = None, min_factor: float | None = None,
+               mutation_step: float = 0.15) -> FactorSpace:
     """The search space for extending ``base_cfg`` to ``target_length``.
 
     Genes are bounded below by s (a pair that never turned in training must be slowed at least s-fold, else
     the new positions show it angles it never saw) and above by ``max_factor`` (default 2s); with
-    ``genes="all"`` the lower bound is 1 (the fastest pairs may keep their speed).
+    ``genes="all"`` the lower bound is 1 (the fastest pairs may keep their speed). ``mutation_step``: the
+    log-normal sigma of a mutation (0.15: a moved gene changes by about 15%).
     """
     if genes not in GENE_MODES:
         raise ValueError(f"genes: {genes!r} not accepted; accepted: {', '.join(GENE_MODES)}")
@@ -214,7 +251,130 @@ def make_space(base_cfg: RopeConfig, target_length: int, *, genes: str = "critic
     if high < low:
         raise ValueError(f"max_factor: must be >= the lowest gene value {low:g}, got {high:g}")
     fixed = method_factors(base_cfg, "yarn", target_length)[0] if refill == "yarn" else ()
-    return FactorSpace(pairs=pairs, first_gene=first, low=low, high=high, refill=refill, fixed=tuple(fixed))
+    if not mutation_step > 0:
+        raise ValueError(f"mutation_step: must be > 0, got {mutation_step}")
+    return FactorSpace(pairs=pairs, first_gene=first, low=low, high=high, refill=refill, fixed=tuple(fixed),
+                       sigma=float(mutation_step))
+
+
+@dataclass
+class AttentionSpace:
+    """A ``FactorSpace`` plus the attention factor as one more gene (``--search-attention``).
+
+    Genes: (inner.size factor genes..., attention); vectors (what ``factors`` returns, what the search caches and
+    evaluates): (inner.pairs factors..., attention). The factor part follows every rule of ``inner``; the
+    attention lies in [low, high] on the ``ATTENTION_GRID``. Same interface as ``FactorSpace`` (``Evolution``
+    uses either).
+
+    Attributes:
+        inner: the factor space.
+        low, high: bounds of the attention gene.
+        step: sigma of its Gaussian mutation step (reflected off the bounds).
+    """
+
+    inner: FactorSpace
+    low: float
+    high: float
+    step: float = ATTENTION_STEP
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low <= self.high:
+            raise ValueError(f"attention low/high: need 0 < low <= high, got {self.low}, {self.high}")
+        if not self.step > 0:
+            raise ValueError(f"attention step: must be > 0, got {self.step}")
+        if self._grid_bounds()[0] > self.high:
+            raise ValueError(f"attention low/high: no point of the {ATTENTION_GRID} grid in [{self.low}, {self.high}]")
+
+    @property
+    def size(self) -> int:
+        """Number of genes (the factor genes and the attention)."""
+        return self.inner.size + 1
+
+    @property
+    def pairs(self) -> int:
+        """Number of factors in a vector (the attention follows them)."""
+        return self.inner.pairs
+
+    @property
+    def p_mutate(self) -> float:
+        return self.inner.p_mutate
+
+    @property
+    def p_cross(self) -> float:
+        return self.inner.p_cross
+
+    def split(self, vector: Sequence[float]) -> tuple[tuple[float, ...], float]:
+        """(pairs factors, attention) of a vector of pairs + 1 numbers."""
+        if len(vector) != self.pairs + 1:
+            raise ValueError(f"vector: need {self.pairs + 1} values (factors and attention), got {len(vector)}")
+        return tuple(float(x) for x in vector[:-1]), float(vector[-1])
+
+    # ------------------------------------------------------------------ genes <-> vectors
+    def factors(self, genes: Sequence[float]) -> tuple[float, ...]:
+        """(pairs + 1,) vector: the inner factors of the factor genes, then the attention."""
+        if len(genes) != self.size:
+            raise ValueError(f"genes: need {self.size} values, got {len(genes)}")
+        return self.inner.factors(genes[:-1]) + (float(genes[-1]),)
+
+    def genes_of(self, vector: Sequence[float]) -> tuple[float, ...]:
+        """The genes of a (pairs + 1,) vector, projected into the space."""
+        factors, attention = self.split(vector)
+        return self.inner.genes_of(factors) + (self.project_attention(attention),)
+
+    def project(self, genes: Sequence[float]) -> tuple[float, ...]:
+        return self.inner.project(genes[:-1]) + (self.project_attention(genes[-1]),)
+
+    def _grid_bounds(self) -> tuple[float, float]:
+        lo, hi = on_attention_grid(self.low), on_attention_grid(self.high)
+        lo = lo if lo >= self.low else on_attention_grid(lo + ATTENTION_GRID)
+        hi = hi if hi <= self.high else on_attention_grid(hi - ATTENTION_GRID)
+        return lo, hi
+
+    def project_attention(self, attention: float) -> float:
+        """Clip to [low, high] and round to the grid (staying inside the bounds)."""
+        lo, hi = self._grid_bounds()
+        return min(max(on_attention_grid(min(max(float(attention), self.low), self.high)), lo), hi)
+
+    def valid(self, genes: Sequence[float]) -> bool:
+        return (len(genes) == self.size and self.inner.valid(genes[:-1])
+                and self.low - 1e-9 <= genes[-1] <= self.high + 1e-9)
+
+    # ------------------------------------------------------------------ operators
+    def mutate(self, genes: Sequence[float], rng: random.Random) -> tuple[float, ...]:
+        """Each gene (factor or attention) moves with probability ``p_mutate``, at least one of them: a factor
+        gene by ``inner``'s log-normal step, the attention by a Gaussian step of ``step``; then projected."""
+        n = self.size
+        moved = [i for i in range(n) if rng.random() < self.p_mutate] or [rng.randrange(n)]
+        factor_genes = self.inner.move(genes[:-1], [i for i in moved if i < n - 1], rng)
+        attention = float(genes[-1])
+        if n - 1 in moved:
+            x = attention + rng.gauss(0.0, self.step)
+            # Reflected, not clipped: a clipped step would leave an attention at its bound there half the time.
+            for _ in range(4):
+                x = 2 * self.low - x if x < self.low else (2 * self.high - x if x > self.high else x)
+            attention = x
+        return factor_genes + (self.project_attention(attention),)
+
+    def crossover(self, a: Sequence[float], b: Sequence[float], rng: random.Random) -> tuple[float, ...] | None:
+        """The factor genes crossed as ``inner`` does (None when that fails), the attention from ``b`` with
+        probability ``p_cross``, else from ``a``."""
+        child = self.inner.crossover(a[:-1], b[:-1], rng)
+        if child is None:
+            return None
+        return child + (float(b[-1]) if rng.random() < self.p_cross else float(a[-1]),)
+
+
+def attention_bounds(scale: float) -> tuple[float, float]:
+    """Default bounds of the attention gene at scale s: [1, 1 + 0.2 ln s] (twice YaRN's increment)."""
+    return 1.0, 1.0 + 0.2 * math.log(scale)
+
+
+def make_attention_space(inner: FactorSpace, scale: float, *, low: float | None = None, high: float | None = None,
+                         step: float = ATTENTION_STEP) -> AttentionSpace:
+    """``inner`` with the attention gene; bounds default to ``attention_bounds(scale)``."""
+    default_low, default_high = attention_bounds(scale)
+    return AttentionSpace(inner, default_low if low is None else float(low),
+                          default_high if high is None else float(high), float(step))
 
 
 def as_tensor(factors: Sequence[float]) -> torch.Tensor:

@@ -15,9 +15,15 @@ def _plt():
     return plt
 
 
-def plot_progress(history: Sequence[dict], seed_scores: dict[str, float], path: str | Path, title: str = "") -> Path:
+SEED_NAMES = {"yarn": "YaRN", "ntk": "NTK", "pi": "PI", "own": "own"}
+
+
+def plot_progress(history: Sequence[dict], seed_scores: dict[str, float], path: str | Path, title: str = "",
+                  seed_labels: dict[str, str] | None = None) -> Path:
     """Best score so far after each generation (line) and each generation's own best (dots); seeds as
-    horizontal lines (YaRN's is the one to beat). Lower is better."""
+    horizontal lines (YaRN's is the one to beat). Lower is better. ``seed_labels``: a seed's legend name when
+    it is not the method itself (e.g. YaRN's factors under another attention factor)."""
+    seed_labels = seed_labels or {}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     gens = [h["generation"] for h in history]
@@ -32,8 +38,9 @@ def plot_progress(history: Sequence[dict], seed_scores: dict[str, float], path: 
         high = min(high, seed_scores["yarn"] + 3 * max(seed_scores["yarn"] - low, 0.05))
     for name, score in seed_scores.items():
         color, style = styles.get(name, ("grey", ":"))
-        ax.axhline(score, color=color, linestyle=style, label=f"{name.upper() if name != 'own' else 'own'} "
-                   f"(seed) {score:.3f}" + (" (off the scale)" if score > high else ""))
+        shown = seed_labels.get(name, SEED_NAMES.get(name, name))
+        ax.axhline(score, color=color, linestyle=style, label=f"{shown} (seed) {score:.3f}"
+                   + (" (off the scale)" if score > high else ""))
     ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.15 * (high - low + 1e-3))
     ax.set_xlabel("generation")
     ax.set_ylabel("score (answer NLL + text NLL + guard), lower is better")
@@ -57,7 +64,8 @@ def plot_factors(found: Sequence[float], seeds: dict[str, Sequence[float]], path
     styles = {"yarn": ("C0", "--"), "ntk": ("C2", ":"), "pi": ("C1", "-."), "own": ("C4", "--")}
     for name, factors in seeds.items():
         color, style = styles.get(name, ("grey", ":"))
-        ax.plot(pairs, list(factors), style, color=color, label=name.upper() if name != "own" else "own factors")
+        ax.plot(pairs, list(factors), style, color=color,
+                label=SEED_NAMES.get(name, name) if name != "own" else "own factors")
     ax.plot(pairs, list(found), "o-", color="C3", markersize=3.5, label=label, zorder=3, alpha=0.85)
     if first_gene:
         ax.axvspan(first_gene - 0.5, len(found) - 0.5, color="C3", alpha=0.07,

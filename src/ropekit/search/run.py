@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +15,14 @@ from ropekit.hf.load import LoadedModel
 from ropekit.output import check_output_dir, claim, write_file_atomic
 from ropekit.search.evolution import Candidate, Evolution, SearchState, Settings
 from ropekit.search.fitness import NeedleFitness, longrope_config
-from ropekit.search.genome import make_space, method_factors, seed_factors
+from ropekit.search.genome import (
+    ATTENTION_GRID,
+    make_attention_space,
+    make_space,
+    method_factors,
+    seed_attentions,
+    seed_factors,
+)
 
 STATE_FILE = "search-state.json"
 LOG_FILE = "search-log.json"
@@ -23,13 +31,18 @@ PROGRESS_PLOT = "progress.png"
 FACTORS_PLOT = "factors.png"
 OUTPUT_FILES = (STATE_FILE, LOG_FILE, FACTORS_FILE, PROGRESS_PLOT, FACTORS_PLOT)
 COMMAND = "search"
-# Where ropekit keeps the factors it ships (the repository's searches/ folder).
-SHIPPED_DIR = Path(__file__).resolve().parents[3] / "searches"
+# Where ropekit keeps the factors it ships: the repository's searches/ folder, reached through the link
+# ropekit/search/shipped, which installs as package data (so a wheel install finds them too).
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
 @dataclass
 class SearchOptions:
-    """The search's knobs (the CLI's options); see ``search_factors``."""
+    """The search's knobs (the CLI's options); see ``search_factors``.
+
+    ``search_attention``: search the attention factor as one more gene (``genome.AttentionSpace``), guarded by
+    the short-context ratio (``short_tolerance``); excludes ``attention_factor``.
+    """
 
     target_length: int
     budget: int | None = None
@@ -41,7 +54,10 @@ class SearchOptions:
     genes: str = "critical"
     refill: str = "ntk"
     max_factor: float | None = None
+    mutation_step: float = 0.15
     attention_factor: float | None = None
+    search_attention: bool = False
+    short_tolerance: float = 0.01
     tolerance: float = 0.05
     text_weight: float = 1.0
     guard_weight: float = 10.0
@@ -88,6 +104,11 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
             may grow).
     Returns:
         ``SearchResult``; ``factors`` is what ``factors.json`` holds (HF longrope form plus a ``search`` record).
+
+    With ``options.search_attention`` a candidate's vector is (pairs factors..., attention) and the best one's
+    last number becomes ``attention_factor``. The budget counts the guard's reference and the candidates'
+    N-token forwards; the short-context L-token forwards (one per distinct attention value) are counted apart
+    (``short_forwards``).
     """
     started = time.perf_counter()
     base = loaded.rope
@@ -95,16 +116,35 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
     n = int(options.target_length)
     if n <= trained:
         raise ValueError(f"target_length: must be > the trained length {trained}, got {n}")
+    if options.search_attention and options.attention_factor is not None:
+        raise ValueError("search_attention: searches the attention factor; it cannot be fixed (attention_factor) "
+                         "as well")
     out_path = None
     if out is not None:
         out_path = check_search_folder(out, resume=resume, overwrite=overwrite)
-    space = make_space(base, n, genes=options.genes, refill=options.refill, max_factor=options.max_factor)
+    factor_space = make_space(base, n, genes=options.genes, refill=options.refill, max_factor=options.max_factor,
+                              mutation_step=options.mutation_step)
+    pairs = factor_space.pairs
     seeds = seed_factors(base, n)
     yarn_attention = method_factors(base, "yarn", n)[1]
     attention = yarn_attention if options.attention_factor is None else float(options.attention_factor)
     fitness = NeedleFitness(loaded.model, loaded.tokenizer, base, n, documents=documents, needles=options.needles,
                             seed=options.seed, tolerance=options.tolerance, guard_weight=options.guard_weight,
-                            text_weight=options.text_weight, chunk_size=options.chunk_size)
+                            text_weight=options.text_weight, short_guard=options.search_attention,
+                            short_tolerance=options.short_tolerance, chunk_size=options.chunk_size)
+    if options.search_attention:
+        space = make_attention_space(factor_space, n / trained)
+        # Each seed with its own method's attention (YaRN's keeps YaRN, individual 0, exactly YaRN).
+        seed_attention = seed_attentions(base, n)
+        seeds = {name: tuple(f) + (seed_attention[name],) for name, f in seeds.items()}
+
+        def evaluate(vector):
+            return fitness.evaluate(vector[:pairs], vector[pairs])
+    else:
+        space = factor_space
+
+        def evaluate(factors):
+            return fitness.evaluate(factors, attention)
     # What the cached scores depend on: a resumed search must score the same haystack the same way.
     fingerprint = {"model": model_name or loaded.source, "rope": base.to_dict(), "data": data_name,
                    "documents": fitness.documents, "haystack_tokens": fitness.length,
@@ -112,6 +152,10 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
                    "attention_factor": attention, "dtype": str(loaded.dtype).replace("torch.", ""),
                    **{k: v for k, v in asdict(options).items() if k not in ("budget", "generations", "patience",
                                                                            "chunk_size")}}
+    if options.search_attention:
+        fingerprint["attention_space"] = [space.low, space.high, space.step, ATTENTION_GRID]
+    else:
+        del fingerprint["short_tolerance"]  # scores do not depend on it without the short guard
     state = None
     state_path = None
     if out_path is not None:
@@ -119,10 +163,12 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
         state_path = out_path / STATE_FILE
         if resume:
             state = SearchState.load(state_path)
-            # A key an older state lacks is not held against it (it was not recorded then).
-            differ = sorted(k for k in set(fingerprint) | set(state.fingerprint)
-                            if k in state.fingerprint and json.dumps(fingerprint.get(k), sort_keys=True)
-                            != json.dumps(state.fingerprint.get(k), sort_keys=True))
+            # A key an older state lacks is not held against it (it was not recorded then), except
+            # search_attention: a state from before it existed searched the factors alone.
+            recorded = {"search_attention": False, **state.fingerprint}
+            differ = sorted(k for k in set(fingerprint) | set(recorded)
+                            if k in recorded and json.dumps(fingerprint.get(k), sort_keys=True)
+                            != json.dumps(recorded.get(k), sort_keys=True))
             if differ:
                 raise ValueError(f"resume: the search in {out} was run with other settings ({', '.join(differ)}); "
                                  f"give the same ones, or start a new search")
@@ -133,6 +179,12 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
         state.reference_nll = fitness.measure_reference()
     else:
         fitness.reference_nll = state.reference_nll
+    if options.search_attention:
+        # The short-context NLLs measured before an interruption are in the cached fitnesses (the attention is
+        # the last number of each key): not measured again.
+        for key, fit in state.cache.items():
+            if fit.get("short_nll") is not None:
+                fitness.short_cache.setdefault(key.rsplit(",", 1)[1], float(fit["short_nll"]))
     settings = Settings(population=options.population, generations=options.generations,
                         budget=None if options.budget is None else options.budget - 1, patience=options.patience,
                         seed=options.seed)
@@ -158,7 +210,7 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
             bar.set_postfix_str(f"gen {candidate.generation} best {best.score:.4f} (#{best.id}) "
                                 f"last {candidate.score:.4f}")
 
-    evolution = Evolution(space, seeds, lambda f: fitness.evaluate(f, attention), settings, state_path=state_path,
+    evolution = Evolution(space, seeds, evaluate, settings, state_path=state_path,
                           state=state, fingerprint=fingerprint, on_evaluated=on_evaluated)
     evolution.save()
     try:
@@ -169,7 +221,23 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
     candidates = evolution.all_candidates()
     seed_scores = {c.origin.split(":", 1)[1]: c.score for c in candidates
                    if c.origin.startswith("seed:") and c.fitness is not None}
-    cfg = longrope_config(base, n, best.factors, attention)
+    if options.search_attention:
+        long_factor, best_attention = space.split(best.factors)
+        seed_factor_parts = {name: f[:pairs] for name, f in seeds.items()}
+        attention_record = {"searched": True, "attention_factor": best_attention, "low": space.low,
+                            "high": space.high, "grid": ATTENTION_GRID, "step": space.step,
+                            "short_tolerance": options.short_tolerance,
+                            "short_nll": (best.fitness or {}).get("short_nll"),
+                            "short_ratio": (best.fitness or {}).get("short_ratio")}
+    else:
+        long_factor, best_attention = tuple(best.factors), attention
+        seed_factor_parts = seeds
+        # Reported once: what the fixed attention does to sequences of at most L tokens (one L-token forward,
+        # none for 1.0 on a plain-RoPE model).
+        short = fitness.short_nll(attention, long_factor)
+        attention_record = {"searched": False, "attention_factor": attention, "short_nll": short,
+                            "short_ratio": None if short is None else math.exp(short - float(fitness.reference_nll))}
+    cfg = longrope_config(base, n, long_factor, best_attention)
     seconds = time.perf_counter() - started
     record = {
         "model": model_name or loaded.source,
@@ -180,11 +248,13 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
                   for name in seed_scores},
         "improvement_over_yarn": (seed_scores["yarn"] - best.score) if "yarn" in seed_scores else None,
         "forwards": state.forwards + 1,
+        "short_forwards": fitness.short_forwards,
+        "attention": attention_record,
         "stopped": state.stopped,
         "generations_completed": len(state.history),
         "wall_seconds_this_run": round(seconds, 1),
-        "space": {"genes": options.genes, "first_gene": space.first_gene, "gene_count": space.size,
-                  "low": space.low, "high": space.high, "refill": space.refill},
+        "space": {"genes": options.genes, "first_gene": factor_space.first_gene, "gene_count": factor_space.size,
+                  "low": factor_space.low, "high": factor_space.high, "refill": factor_space.refill},
         "settings": {k: v for k, v in asdict(options).items()},
         "fitness": fitness.describe(),
         "data": data_name,
@@ -194,28 +264,35 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
     factors = {
         "rope_type": "longrope",
         "short_factor": [1.0] * (base.rotary_dim // 2),
-        "long_factor": list(best.factors),
+        "long_factor": list(long_factor),
         "factor": n / trained,
         "original_max_position_embeddings": trained,
         "max_position_embeddings": n,
-        "attention_factor": attention,
+        "attention_factor": best_attention,
         "search": record,
     }
     cfg.to_hf()  # the result must be expressible in transformers' longrope form
     if out_path is not None:
-        from ropekit.search.plots import plot_factors, plot_progress
+        from ropekit.search.plots import SEED_NAMES, plot_factors, plot_progress
 
         write_file_atomic(out_path / FACTORS_FILE, json.dumps(factors, indent=2) + "\n")
         write_file_atomic(out_path / LOG_FILE, json.dumps({
             "candidates": [c.to_dict() for c in candidates], "history": state.history,
-            "stopped": state.stopped, "forwards": state.forwards + 1, "fitness": fitness.describe(),
+            "stopped": state.stopped, "forwards": state.forwards + 1, "short_forwards": fitness.short_forwards,
+            "attention": attention_record, "fitness": fitness.describe(),
             "needles": fitness.needle_records}, indent=1) + "\n")
         label = f"{model_name or loaded.source}: {trained} -> {n}"
         if state.history:
-            plot_progress(state.history, seed_scores, out_path / PROGRESS_PLOT, title=f"Search progress, {label}")
+            labels = {}
+            if not options.search_attention and abs(attention - yarn_attention) > 1e-9:
+                # The YaRN seed is YaRN's factors under this search's attention factor, not YaRN itself.
+                labels["yarn"] = f"YaRN's factors at attention {attention:.3f} (YaRN: {yarn_attention:.3f})"
+            plot_progress(state.history, seed_scores, out_path / PROGRESS_PLOT, title=f"Search progress, {label}",
+                          seed_labels=labels)
         found = "searched (long_factor)" if not best.origin.startswith("seed:") else \
-            f"best = the {best.origin.split(':', 1)[1].upper()} seed (no candidate beat it)"
-        plot_factors(best.factors, seeds, out_path / FACTORS_PLOT, first_gene=space.first_gene,
+            f"best = the {SEED_NAMES.get(best.origin.split(':', 1)[1], 'own')} seed (no candidate beat it)"
+        found += f", attention factor {best_attention:.4f}" + (" (searched)" if options.search_attention else "")
+        plot_factors(long_factor, seed_factor_parts, out_path / FACTORS_PLOT, first_gene=factor_space.first_gene,
                      title=f"Searched factors vs PI/NTK/YaRN, {label}", label=found)
     return SearchResult(best, factors, out_path, state.stopped, state.forwards + 1, seconds)
 

@@ -59,16 +59,29 @@ def tokenize_documents(docs: Iterable[str], tokenizer: Any, add_eos: bool = True
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, plus EOS = 256. Lossless on any text and needs no training."""
+    """UTF-8 bytes as tokens 0..255, plus EOS = 256. Lossless on any text and needs no training.
+
+    Callable like a transformers tokenizer (``tok(text)["input_ids"]``, ``batch_decode``), so the evaluation
+    prompts (``ropekit.evaluation.passkey``, ``haystack``) and the factor search build the same prompts for a
+    byte-level model as for a subword one. There are no special tokens to prepend.
+    """
 
     vocab_size = 257
     eos_token_id = 256
+    pad_token_id = None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def batch_decode(self, sequences: Iterable[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids) for ids in sequences]
+
+    def __call__(self, text: str, add_special_tokens: bool = True, return_attention_mask: bool = False,
+                 **_: Any) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
 
 
 # ---------------------------------------------------------------------- packing

@@ -34,17 +34,19 @@ from typing import Any
 import torch
 
 from ropekit.config import RopeConfig
+from ropekit.evaluation.passkey import FILLER, KEY_SENTENCE, QUESTION, answer_ids, passkey_prompt
 from ropekit.training.data import ByteTokenizer, PackedRows, pack_documents, tokenize_documents
 from ropekit.training.finetune import FinetuneSettings, train
 
-STUDY_METHODS = ("default", "linear", "ntk", "dynamic", "yarn")
+STUDY_METHODS = ("default", "linear", "ntk", "dynamic", "yarn", "longrope")
 METHOD_LABELS = {"default": "no scaling", "linear": "linear (PI)", "ntk": "NTK", "dynamic": "dynamic NTK",
-                 "yarn": "YaRN"}
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-QUESTION = "What is the pass key? The pass key is "
+                 "yarn": "YaRN", "longrope": "LongRoPE (searched)"}
 KEY_DIGITS = 5
-# Key sentence + question + key + at least 16 filler bytes.
-MIN_PROMPT = len("The pass key is 12345. Remember it. 12345 is the pass key. ") + len(QUESTION) + KEY_DIGITS + 16
+BYTES = ByteTokenizer()
+# Passkey rows and prompts are ropekit.evaluation.passkey's prompt without its instruction (a model trained on
+# 256 bytes has no room for it), followed by the answer " 12345" (1 + KEY_DIGITS bytes; all of it ASCII).
+ANSWER_LEN = 1 + KEY_DIGITS
+MIN_PROMPT = len(FILLER) + len(KEY_SENTENCE.format(key="0" * KEY_DIGITS)) + len(QUESTION) + ANSWER_LEN
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,14 @@ class StudySizes:
     max_files: int = 600
     seed: int = 0
     pose_window: int = 256  # PoSE run's window in bytes (0: no PoSE run)
+    search_budget: int = 256  # forwards of the LongRoPE factor search (method "longrope"); ~20 s here
+    search_population: int = 32
+    search_needles: int = 1
 
     def __post_init__(self) -> None:
         for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "train_len", "factor",
                      "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch", "eval_windows",
-                     "passkey_samples", "max_files"):
+                     "passkey_samples", "max_files", "search_population", "search_needles"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -84,6 +89,9 @@ class StudySizes:
             raise ValueError(f"hidden: must split into {self.heads} heads of an even size, got {self.hidden}")
         if self.heads % self.kv_heads:
             raise ValueError(f"kv_heads: must divide heads ({self.heads}), got {self.kv_heads}")
+        if isinstance(self.search_budget, bool) or not isinstance(self.search_budget, int) or self.search_budget < 2:
+            raise ValueError(f"search_budget: must be an integer >= 2 (the guard's reference and one candidate), "
+                             f"got {self.search_budget!r}")
         if self.factor < 2:
             raise ValueError(f"factor: must be >= 2 (the study extends the context), got {self.factor}")
         if self.train_len < MIN_PROMPT:
@@ -111,10 +119,10 @@ class StudySizes:
         return out
 
 
-QUICK = StudySizes(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192, train_len=128, factor=8,
+QUICK = StudySizes(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192, train_len=256, factor=4,
                    pretrain_steps=150, pretrain_batch=8, pretrain_lr=3e-3, finetune_steps=6, finetune_batch=1,
                    finetune_lr=5e-4, finetune_warmup=2, eval_windows=2, passkey_samples=6, max_files=120,
-                   pose_window=128)
+                   pose_window=256, search_budget=32, search_population=8, search_needles=1)
 
 
 # ---------------------------------------------------------------------- data
@@ -142,25 +150,19 @@ def stdlib_files(max_files: int) -> tuple[list[str], list[str]]:
     return train_docs, held_out
 
 
-def passkey_prompt(length: int, depth: float, key: str, offset: int = 0) -> str:
-    """A prompt of exactly ``length`` bytes: filler with the key sentence at ``depth`` (0..1) of the filler,
-    then the question and the key as the last KEY_DIGITS bytes."""
-    sentence = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    room = length - len(sentence) - len(QUESTION) - len(key)
-    if room < 0:
-        raise ValueError(f"length: {length} bytes cannot hold a passkey prompt")
-    filler = (FILLER * (room // len(FILLER) + 2))[offset % len(FILLER):][:room]
-    cut = int(round(depth * room))
-    return filler[:cut] + sentence + filler[cut:] + QUESTION + key
+def passkey_ids(length: int, depth: float, key: str) -> list[int]:
+    """``length`` byte tokens: the shared passkey prompt (``evaluation.passkey.passkey_prompt``, no instruction)
+    with the key sentence at ``depth`` (0..1) of the filler, then the answer " KEY" as the last ANSWER_LEN bytes."""
+    answer = answer_ids(BYTES, key)
+    return passkey_prompt(BYTES, length - len(answer), depth, key, instruction="").input_ids.tolist() + answer
 
 
 def passkey_rows(count: int, length: int, rng: random.Random) -> PackedRows:
     """``count`` rows of single passkey prompts at random depths and keys, positions 0..length-1."""
-    tok = ByteTokenizer()
     ids = []
     for _ in range(count):
         key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS))
-        ids.append(tok.encode(passkey_prompt(length, rng.random(), key, rng.randrange(len(FILLER)))))
+        ids.append(passkey_ids(length, rng.random(), key))
     input_ids = torch.tensor(ids, dtype=torch.long)
     positions = torch.arange(length).expand(count, length).clone()
     labels = input_ids.clone()
@@ -243,10 +245,41 @@ def build_model(sizes: StudySizes):
 
 
 def method_config(base: RopeConfig, method: str, factor: float) -> RopeConfig:
-    """The pretrained RoPE extended by ``method`` to factor * L (no scaling: unchanged)."""
+    """The pretrained RoPE extended by ``method`` to factor * L (no scaling: unchanged). LongRoPE's factors
+    come from a search (``search_longrope``), not from here."""
     if method == "default":
         return base
+    if method == "longrope":
+        raise ValueError("method: longrope needs searched factors (search_longrope)")
     return base.extend(method, float(factor))
+
+
+def search_longrope(model, base: RopeConfig, sizes: StudySizes, train_docs: list[str], progress: bool = True,
+                    ) -> tuple[RopeConfig, dict[str, Any]]:
+    """LongRoPE long factors for the pretrained ``model`` at factor * L, found by ``ropekit.search`` (the same
+    search as ``ropekit search``: seeded with PI/NTK/YaRN, needle-driven perplexity with a short-range guard)
+    on the training text, never on the held-out files. Returns (the longrope RopeConfig, the search record)."""
+    from ropekit.evaluation.data import Document
+    from ropekit.hf.load import LoadedModel
+    from ropekit.search.run import SearchOptions, factors_config, search_factors
+
+    loaded = LoadedModel(model=model, tokenizer=BYTES, rope=base, family=model.config.model_type, source="study")
+    documents = [Document(f"study-train-{i}", text) for i, text in enumerate(train_docs)]
+    # The study's model never learns retrieval (0% passkey even at 1x), so the answer NLL is mostly noise: the
+    # text NLL gets the weight, and few needles keep the question/answer block at the haystack's end short, so
+    # that the scored text reaches the long positions (with 8 needles, a 2048-byte haystack's text ended before
+    # position ~900 and the search picked factors that were worse than YaRN's on held-out text). Every pair is a
+    # gene (LongRoPE v1): the 16-pair model has only 9 from the critical dimension on. Generations are not the
+    # limit: the budget is, with early stopping after 6 flat generations.
+    options = SearchOptions(target_length=sizes.long_len, budget=sizes.search_budget,
+                            population=sizes.search_population, generations=10 * sizes.search_budget, patience=6,
+                            needles=sizes.search_needles, genes="all", text_weight=4.0, seed=sizes.seed)
+    result = search_factors(loaded, options, None, documents=documents, data_name="study training text",
+                            model_name="study", progress=progress)
+    record = dict(result.factors["search"])
+    record["long_factor"] = result.factors["long_factor"]
+    record["attention_factor"] = result.factors["attention_factor"]
+    return factors_config(base, result.factors), record
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -257,12 +290,11 @@ def passkey_accuracy(model, cfg: RopeConfig, length: int, samples: int, seed: in
     from ropekit.hf import apply_rope
 
     rng = random.Random(seed * 7919 + length)
-    tok = ByteTokenizer()
     prompts = []
     for i in range(samples):
         depth = 0.05 + 0.9 * i / max(1, samples - 1)
         key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS))
-        prompts.append(tok.encode(passkey_prompt(length, depth, key, rng.randrange(len(FILLER)))))
+        prompts.append(passkey_ids(length, depth, key))
     ids = torch.tensor(prompts, dtype=torch.long)
     correct = 0
     with apply_rope(model, cfg):
@@ -273,11 +305,11 @@ def passkey_accuracy(model, cfg: RopeConfig, length: int, samples: int, seed: in
     return correct / samples
 
 
-def keys_correct(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """(batch,) bool: the argmax at each of the KEY_DIGITS positions before the last ones equals the next byte,
-    i.e. the model predicts every key digit (logits (batch, seq, vocab), input_ids (batch, seq))."""
-    guess = logits[:, -KEY_DIGITS - 1:-1].argmax(-1)
-    return (guess == input_ids[:, -KEY_DIGITS:]).all(-1)
+def keys_correct(logits: torch.Tensor, input_ids: torch.Tensor, answer_len: int = ANSWER_LEN) -> torch.Tensor:
+    """(batch,) bool: the argmax at each of the ``answer_len`` positions before the last ones equals the next
+    byte, i.e. the model writes the whole answer " KEY" (logits (batch, seq, vocab), input_ids (batch, seq))."""
+    guess = logits[:, -answer_len - 1:-1].argmax(-1)
+    return (guess == input_ids[:, -answer_len:]).all(-1)
 
 
 def evaluate_methods(model, configs: dict[str, RopeConfig], sizes: StudySizes, windows: dict[int, list],
@@ -347,7 +379,13 @@ def run_study(out_dir: str | Path, sizes: StudySizes = StudySizes(), methods: tu
     timings["pretrain_s"] = time.perf_counter() - t0
     model.eval()
 
-    configs = {m: method_config(base_cfg, m, sizes.factor) for m in methods}
+    search = None
+    if "longrope" in methods:
+        log(f"[study] searching LongRoPE factors for {sizes.long_len} bytes ({sizes.search_budget} forwards)")
+        t0 = time.perf_counter()
+        searched, search = search_longrope(model, base_cfg, sizes, train_docs, progress)
+        timings["search_s"] = time.perf_counter() - t0
+    configs = {m: searched if m == "longrope" else method_config(base_cfg, m, sizes.factor) for m in methods}
     t0 = time.perf_counter()
     before = evaluate_methods(model, configs, sizes, windows, "no fine-tuning", progress)
     timings["evaluate_before_s"] = time.perf_counter() - t0
@@ -386,6 +424,8 @@ def run_study(out_dir: str | Path, sizes: StudySizes = StudySizes(), methods: tu
                "timings": timings, "torch_threads": torch.get_num_threads()}
     if pose is not None:
         results["pose"] = pose
+    if search is not None:
+        results["search"] = search
     with OutputDir(out, command="study", overwrite=overwrite) as folder:
         folder.write_text("results.json", json.dumps(results, indent=2))
         plot_position(results, folder.path("ppl_vs_position.png"))
@@ -452,6 +492,28 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return results
 
 
+def search_section(results: dict[str, Any]) -> list[str]:
+    """What the LongRoPE search did and found (empty without one)."""
+    search = results.get("search")
+    if not search:
+        return []
+    best, yarn = search["best"], search["seeds"].get("yarn", {})
+    from ropekit.search.plots import SEED_NAMES
+
+    found = (f"the {SEED_NAMES.get(best['origin'].split(':', 1)[1], 'own')} seed (no candidate beat it)"
+             if best["origin"].startswith("seed:") else f"a {best['origin']} of generation {best['generation']}")
+    factors = ", ".join(f"{x:.2f}" for x in search["long_factor"])
+    lines = [f"## LongRoPE factor search ({search['target_length']} bytes, before fine-tuning)", "",
+             f"`ropekit.search` on the pretrained model, haystacks of training text (never the held-out files): "
+             f"{search['forwards']} forwards in {search['wall_seconds_this_run']:.0f} s (stopped: {search['stopped']}); "
+             f"{search['space']['gene_count']} genes from pair {search['space']['first_gene']} on. Best: {found}, "
+             f"score {best['score']:.4f}"
+             + (f" vs the YaRN seed's {yarn['score']:.4f} (needle NLL + text NLL + guard; lower is better)."
+                if yarn else "."),
+             f"long_factor: [{factors}]; attention factor {search['attention_factor']:.4f}.", ""]
+    return lines
+
+
 def pose_section(results: dict[str, Any]) -> list[str]:
     """The PoSE vs full-length table and what it shows (empty without a PoSE run)."""
     pose = results.get("pose")
@@ -494,7 +556,7 @@ def plot_position(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = results["sizes"]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, method in enumerate(results["methods"]):
         for stage, style in (("before", "-"), ("after", "--")):
@@ -508,7 +570,7 @@ def plot_position(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel(f"position (bytes); grey line: trained length {sizes['train_len']}")
     ax.set_ylabel("perplexity per byte (bucket)")
     ax.set_title(f"perplexity vs position, {sizes['train_len'] * sizes['factor']}-byte windows")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -521,7 +583,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4))
     pre = results["pretrain_history"]
     ax1.plot([h["step"] for h in pre], [h["loss"] for h in pre])
     ax1.set_title(f"pretraining at {results['sizes']['train_len']} bytes")
@@ -536,7 +598,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
                  label=f"{METHOD_LABELS[pose['method']]} PoSE ({pose['window']}-byte windows)")
     ax2.set_title(f"fine-tuning at {results['sizes']['train_len'] * results['sizes']['factor']} bytes")
     ax2.set_xlabel("step")
-    ax2.legend()
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -604,10 +666,14 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
         f"Wall time: {t['total_s'] / 60:.1f} min (pretraining {t['pretrain_s'] / 60:.1f}, evaluation before "
         f"fine-tuning {t['evaluate_before_s'] / 60:.1f}, fine-tuning + evaluation "
-        f"{t['finetune_and_evaluate_s'] / 60:.1f}) with {results['torch_threads']} torch threads.",
+        f"{t['finetune_and_evaluate_s'] / 60:.1f}"
+        + (f", LongRoPE search {t['search_s'] / 60:.1f}" if "search_s" in t else "")
+        + (f", PoSE run {t['pose_s'] / 60:.1f}" if "pose_s" in t else "")
+        + f") with {results['torch_threads']} torch threads.",
         "",
         "Plots: ppl_vs_position.png (per-position perplexity in the longest window), training_curves.png.",
         "",
+        *search_section(results),
         *pose_section(results),
         *([""] if results.get("pose") else []),
         "## What this run shows",
@@ -667,6 +733,16 @@ def observations(results: dict[str, Any]) -> list[str]:
                    f"{first['yarn']:.3f}->{last['yarn']:.3f} vs {first['linear']:.3f}->{last['linear']:.3f} (first -> last span) "
                    f"(claim: YaRN needs fewer steps for the same result; "
                    f"{'consistent' if y <= p and first['yarn'] <= first['linear'] else 'NOT seen'} here).")
+    if "longrope" in before and "yarn" in before:
+        lb, yb = get(before, "longrope", longest), get(before, "yarn", longest)
+        line = (f"- Searched LongRoPE vs YaRN at {longest // short}x, no fine-tuning: ppl {_ppl(lb)} vs {_ppl(yb)} on "
+                f"held-out files")
+        if "longrope" in after and "yarn" in after:
+            line += f"; after fine-tuning {_ppl(get(after, 'longrope', longest))} vs {_ppl(get(after, 'yarn', longest))}"
+        line += (f"; at the trained length {_ppl(get(before, 'longrope', short))} vs {_ppl(get(before, 'yarn', short))} "
+                 f"(claim: searched factors beat YaRN without fine-tuning; "
+                 f"{'seen' if lb < yb * 0.99 else 'a tie within 1%' if lb < yb * 1.01 else 'NOT seen'} here).")
+        out.append(line)
     passkey = [f"{METHOD_LABELS[m]} {before[m]['passkey'][longest]:.0%} -> {after[m]['passkey'][longest]:.0%}"
                for m in results["methods"] if m in after]
     best_short = max(before[m]["passkey"][short] for m in results["methods"])

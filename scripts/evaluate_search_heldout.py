@@ -1,7 +1,7 @@
 """Held-out evaluation of a demo search (how searches/smollm2-135m-16k.json got its held_out figures):
 perplexity at 16384 and 8192 on a standard-library document the search did not use.
 
-usage: EVAL_DTYPE=float32 python searches/evaluate_heldout.py SEARCH_DIR/search-state.json OUT_JSON RUN [RUN...]; RUN = yarn | default | factors=PATH
+usage: EVAL_DTYPE=float32 python scripts/evaluate_search_heldout.py SEARCH_DIR/search-state.json OUT_JSON RUN [RUN...]; RUN = yarn | default | factors=PATH
 One window: the first 16384 tokens of the first stdlib document (largest first) that the search's haystack did
 not use and that has >= 16384 tokens. yarn/default are length-independent: the 8192 figure is the first 8192
 tokens of the 16k forward (identical by causality). longrope switches on length: 8192 gets its own forward.
