@@ -95,28 +95,6 @@ def assert_valid(space: FactorSpace, genes) -> None:
     assert space.valid(genes)
 
 
-@given(space=spaces(), data=st.data(), seed=st.integers(0, 2**31))
-@settings(max_examples=50, deadline=None)
-def test_mutation_keeps_order_and_bounds(space, data, seed):
-    parent = genome_in(space, data)
-    assert_valid(space, parent)
-    rng = random.Random(seed)
-    for _ in range(5):
-        child = space.mutate(parent, rng)
-        assert_valid(space, child)
-        parent = child
-
-
-@given(space=spaces(), data=st.data(), seed=st.integers(0, 2**31))
-@settings(max_examples=50, deadline=None)
-def test_crossover_keeps_order_and_bounds(space, data, seed):
-    a, b = genome_in(space, data), genome_in(space, data)
-    child = space.crossover(a, b, random.Random(seed))
-    if child is not None:
-        assert_valid(space, child)
-        assert all(c in (x, y) for c, x, y in zip(child, a, b))
-
-
 def test_mutation_moves_a_flat_genome():
     """YaRN's genes all sit at the lower bound s: the first generation must still differ from it."""
     space = make_space(DEMO_LIKE, 16384, refill="yarn")
@@ -422,25 +400,36 @@ def assert_valid_attention(space: AttentionSpace, genes) -> None:
     assert space.valid(genes)
 
 
-@given(space=attention_spaces(), data=st.data(), seed=st.integers(0, 2**31))
+# Both kinds of space: (space strategy, a valid genome in it, the validity check).
+SPACE_KINDS = {"factors": (spaces, genome_in, assert_valid),
+               "factors+attention": (attention_spaces, attention_genome_in, assert_valid_attention)}
+
+
+@pytest.mark.parametrize("kind", SPACE_KINDS)
+@given(data=st.data(), seed=st.integers(0, 2**31))
 @settings(max_examples=50, deadline=None)
-def test_attention_space_mutation_keeps_factors_and_attention_valid(space, data, seed):
-    parent = attention_genome_in(space, data)
-    assert_valid_attention(space, parent)
+def test_mutation_keeps_order_and_bounds(kind, data, seed):
+    make_space_strategy, genome, check = SPACE_KINDS[kind]
+    space = data.draw(make_space_strategy())
+    parent = genome(space, data)
+    check(space, parent)
     rng = random.Random(seed)
     for _ in range(5):
         child = space.mutate(parent, rng)
-        assert_valid_attention(space, child)
+        check(space, child)
         parent = child
 
 
-@given(space=attention_spaces(), data=st.data(), seed=st.integers(0, 2**31))
+@pytest.mark.parametrize("kind", SPACE_KINDS)
+@given(data=st.data(), seed=st.integers(0, 2**31))
 @settings(max_examples=50, deadline=None)
-def test_attention_space_crossover_keeps_factors_and_attention_valid(space, data, seed):
-    a, b = attention_genome_in(space, data), attention_genome_in(space, data)
+def test_crossover_keeps_order_and_bounds(kind, data, seed):
+    make_space_strategy, genome, check = SPACE_KINDS[kind]
+    space = data.draw(make_space_strategy())
+    a, b = genome(space, data), genome(space, data)
     child = space.crossover(a, b, random.Random(seed))
     if child is not None:
-        assert_valid_attention(space, child)
+        check(space, child)
         assert all(c in (x, y) for c, x, y in zip(child, a, b))
 
 
@@ -693,6 +682,20 @@ def test_resume_refuses_to_switch_the_attention_search_on(tiny256, tiny_text, tm
     with pytest.raises(ValueError, match="search_attention"):
         attention_search(tiny256, tiny_text, tmp_path / "s", resume=True)
     # The same search continues without it.
+    search_factors(tiny256, SearchOptions(**{**options.__dict__, "budget": 4}), tmp_path / "s",
+                   documents=tiny_text, progress=False, model_name="tiny256", resume=True)
+
+
+def test_resume_of_an_older_state_refuses_another_mutation_step(tiny256, tiny_text, tmp_path):
+    """A state from before --mutation-step existed was searched with steps of 0.15: only that continues it."""
+    options = SearchOptions(target_length=512, budget=3, population=4, generations=2, needles=2, genes="all")
+    search_factors(tiny256, options, tmp_path / "s", documents=tiny_text, progress=False, model_name="tiny256")
+    state = json.loads((tmp_path / "s" / "search-state.json").read_text())
+    del state["fingerprint"]["mutation_step"]  # as written before the option existed
+    (tmp_path / "s" / "search-state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="mutation_step"):
+        search_factors(tiny256, SearchOptions(**{**options.__dict__, "budget": 4, "mutation_step": 0.06}),
+                       tmp_path / "s", documents=tiny_text, progress=False, model_name="tiny256", resume=True)
     search_factors(tiny256, SearchOptions(**{**options.__dict__, "budget": 4}), tmp_path / "s",
                    documents=tiny_text, progress=False, model_name="tiny256", resume=True)
 

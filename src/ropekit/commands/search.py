@@ -48,9 +48,10 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[str], typer.Option("--data", "-d", help="text of the fitness haystack: a text "
                                                     "file, a folder, a .jsonl file, or 'stdlib' (default)")] = None,
         budget: Annotated[Optional[int], typer.Option("--budget", help="forward passes at most: the guard's "
-                                                      "reference and the candidates' (the trained-length forwards of "
-                                                      "--search-attention's guard, one per attention value, are not "
-                                                      "counted; default: no limit)")] = None,
+                                                      "reference and the candidates' (not counted: the trained-length "
+                                                      "forwards of --search-attention's guard, one per attention "
+                                                      "value, and the one that reports a fixed attention factor's "
+                                                      "short-context cost at the end; default: no limit)")] = None,
         population: Annotated[int, typer.Option("--population", help="population size (generation 0 evaluates "
                                                 "it all, later ones half of it)")] = 8,
         generations: Annotated[int, typer.Option("--generations", help="generations at most")] = 5,

@@ -44,13 +44,13 @@ def study_command(
                                               "of this many bytes, same steps, and compare (default 256; quick 128; "
                                               "0: skip)."),
     search_budget: Optional[int] = typer.Option(None, "--search-budget", help="Forwards of the LongRoPE factor "
-                                                "search (default 96; quick 16)."),
+                                                "search (default 256; quick 32)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Pretrain a small Llama-style model at a short length on the Python standard library, search LongRoPE
     factors for it, evaluate it at 2x/4x/8x with no scaling, linear, NTK, dynamic NTK, YaRN and the searched
     LongRoPE, fine-tune each at the long length (and YaRN again with PoSE on short windows), evaluate again, and
-    write OUT/summary.md with tables and plots. The default run takes about 10 minutes on 2 CPU cores.
+    write OUT/summary.md with tables and plots. The default run takes 3-4 minutes on 2 CPU cores.
     """
     from ropekit.commands.common import check_out_or_exit, cli_message, error_exit, flags_for
     from ropekit.training.study import QUICK, StudySizes, run_study

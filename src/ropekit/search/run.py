@@ -164,8 +164,9 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
         if resume:
             state = SearchState.load(state_path)
             # A key an older state lacks is not held against it (it was not recorded then), except
-            # search_attention: a state from before it existed searched the factors alone.
-            recorded = {"search_attention": False, **state.fingerprint}
+            # search_attention and mutation_step: a state from before they existed searched the factors alone,
+            # with the steps of 0.15.
+            recorded = {"search_attention": False, "mutation_step": 0.15, **state.fingerprint}
             differ = sorted(k for k in set(fingerprint) | set(recorded)
                             if k in recorded and json.dumps(fingerprint.get(k), sort_keys=True)
                             != json.dumps(recorded.get(k), sort_keys=True))
