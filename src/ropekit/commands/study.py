@@ -8,7 +8,13 @@ from typing import Optional
 
 import typer
 
-from ropekit.training.study import STUDY_METHODS
+from ropekit.training.study import QUICK, STUDY_METHODS, StudySizes
+
+
+def _defaults(field: str) -> str:
+    """"(default X; quick Y)" read from the sizes themselves, so the help cannot drift from them."""
+    default, quick = getattr(StudySizes(), field), getattr(QUICK, field)
+    return f"(default {default:g})" if default == quick else f"(default {default:g}; quick {quick:g})"
 
 
 def register(app: typer.Typer) -> None:
@@ -24,27 +30,28 @@ def study_command(
     methods: str = typer.Option(",".join(STUDY_METHODS), "--methods",
                                 help="Comma-separated: default (no scaling), linear, ntk, dynamic, yarn, longrope "
                                      "(factors searched on the pretrained model)."),
-    hidden: Optional[int] = typer.Option(None, "--hidden", help="Model width (default 128; quick 64)."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Decoder layers (default 4; quick 2)."),
-    heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads (default 4)."),
-    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="Key/value heads (default 2)."),
-    train_len: Optional[int] = typer.Option(None, "--train-len", help="Pretraining length in bytes (default 256)."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help=f"Model width {_defaults('hidden')}."),
+    layers: Optional[int] = typer.Option(None, "--layers", help=f"Decoder layers {_defaults('layers')}."),
+    heads: Optional[int] = typer.Option(None, "--heads", help=f"Attention heads {_defaults('heads')}."),
+    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help=f"Key/value heads {_defaults('kv_heads')}."),
+    train_len: Optional[int] = typer.Option(None, "--train-len", help=f"Pretraining length in bytes "
+                                               f"{_defaults('train_len')}."),
     factor: Optional[int] = typer.Option(None, "--factor", help="Extension factor; fine-tuning length = factor x "
-                                                                "train-len (default 8)."),
-    pretrain_steps: Optional[int] = typer.Option(None, "--pretrain-steps", help="Default 500; quick 150."),
+                                                                f"train-len {_defaults('factor')}."),
+    pretrain_steps: Optional[int] = typer.Option(None, "--pretrain-steps", help=f"Steps {_defaults('pretrain_steps')}."),
     pretrain_batch: Optional[int] = typer.Option(None, "--pretrain-batch", help="Rows per pretraining step."),
     pretrain_lr: Optional[float] = typer.Option(None, "--pretrain-lr"),
-    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="Per method (default 30; quick 6)."),
+    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help=f"Per method {_defaults('finetune_steps')}."),
     finetune_batch: Optional[int] = typer.Option(None, "--finetune-batch", help="Long rows per fine-tuning step."),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr"),
     eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="Held-out files per length."),
     passkey_samples: Optional[int] = typer.Option(None, "--passkey-samples", help="Passkey prompts per length."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     pose_window: Optional[int] = typer.Option(None, "--pose-window", help="Also fine-tune YaRN with PoSE on windows "
-                                              "of this many bytes, same steps, and compare (default 256; quick 128; "
-                                              "0: skip)."),
+                                              "of this many bytes, same steps, and compare "
+                                              f"{_defaults('pose_window')}; 0: skip."),
     search_budget: Optional[int] = typer.Option(None, "--search-budget", help="Forwards of the LongRoPE factor "
-                                                "search (default 256; quick 32)."),
+                                                f"search {_defaults('search_budget')}."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Pretrain a small Llama-style model at a short length on the Python standard library, search LongRoPE
@@ -53,7 +60,7 @@ def study_command(
     write OUT/summary.md with tables and plots. The default run takes 3-4 minutes on 2 CPU cores.
     """
     from ropekit.commands.common import check_out_or_exit, cli_message, error_exit, flags_for
-    from ropekit.training.study import QUICK, StudySizes, run_study
+    from ropekit.training.study import run_study
 
     check_out_or_exit(out, overwrite)
 

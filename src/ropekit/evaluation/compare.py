@@ -546,8 +546,8 @@ def export_command(model_source: str, rope: RopeConfig, target_length: int,
     read from (absolute, so the line runs from any folder)."""
     spec = get_method(rope.method)
     parts = ["ropekit", "export", model_source or "demo", "--method", spec.name]
-    lists = [p for p in spec.params if p.type == "float_list" and getattr(rope, p.field, None) is not None]
-    if lists and factors_file is not None:
+    if factors_file is not None and any(p.type == "float_list" and getattr(rope, p.field, None) is not None
+                                        for p in spec.params):
         parts += ["--factors-file", str(Path(factors_file).resolve())]
     for p in spec.params:
         value = getattr(rope, p.field, None)

@@ -13,8 +13,9 @@ Tasks (templates follow RULER's ``synthetic/constants.py``; the texts are genera
 
 Scoring is RULER's ``string_match_all``: the fraction of the reference strings found (case-insensitively) in the
 greedy answer. Each sample is prefilled once and all of its questions are answered from the cached context
-(``evaluation.cached.answer_all``: all of a context's questions decoded together). Results per (method, task, length): mean score, n questions and a 95% interval (Wilson
-for all-or-nothing scores, otherwise a bootstrap over questions).
+(``evaluation.cached.answer_all``: all of a context's questions decoded together). Results per (method, task,
+length): mean score, n questions and a 95% interval (``stats.mean_interval``: Wilson for all-or-nothing scores,
+otherwise a bootstrap over questions).
 """
 
 from __future__ import annotations

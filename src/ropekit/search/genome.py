@@ -109,12 +109,31 @@ def seed_attentions(base_cfg: RopeConfig, target_length: int, methods: Sequence[
     return out
 
 
-def on_grid(x: float) -> float:
-    return round(round(x / GRID) * GRID, 6)
+def on_grid(x: float, grid: float = GRID) -> float:
+    return round(round(x / grid) * grid, 6)
 
 
-def on_attention_grid(x: float) -> float:
-    return round(round(x / ATTENTION_GRID) * ATTENTION_GRID, 6)
+def grid_bounds(low: float, high: float, grid: float = GRID) -> tuple[float, float]:
+    """The lowest and highest points of the grid inside [low, high] (lo > hi when there is none)."""
+    lo, hi = on_grid(low, grid), on_grid(high, grid)
+    lo = lo if lo >= low else on_grid(lo + grid, grid)
+    hi = hi if hi <= high else on_grid(hi - grid, grid)
+    return lo, hi
+
+
+def project_value(x: float, low: float, high: float, grid: float = GRID) -> float:
+    """``x`` clipped to [low, high] and rounded to the grid; rounding can push a value just outside the bounds,
+    so it is clamped to the grid points inside them once more."""
+    lo, hi = grid_bounds(low, high, grid)
+    return min(max(on_grid(min(max(float(x), low), high), grid), lo), hi)
+
+
+def reflect(x: float, low: float, high: float) -> float:
+    """``x`` reflected off the bounds (a few times, for a step larger than the interval). Reflected, not
+    clipped: a clipped step would leave a gene at its bound half the time, and YaRN's genes all sit at one."""
+    for _ in range(4):
+        x = 2 * low - x if x < low else (2 * high - x if x > high else x)
+    return x
 
 
 @dataclass
@@ -185,12 +204,7 @@ class FactorSpace:
 
     def project(self, genes: Sequence[float]) -> tuple[float, ...]:
         """Clip to [low, high], round to the grid and sort: a valid genome."""
-        clipped = [on_grid(min(max(float(g), self.low), self.high)) for g in genes]
-        # Rounding can push a value just outside the bounds: clamp on the grid once more.
-        lo, hi = on_grid(self.low), on_grid(self.high)
-        lo = lo if lo >= self.low else on_grid(lo + GRID)
-        hi = hi if hi <= self.high else on_grid(hi - GRID)
-        return tuple(sorted(min(max(g, lo), hi) for g in clipped))
+        return tuple(sorted(project_value(g, self.low, self.high) for g in genes))
 
     def valid(self, genes: Sequence[float]) -> bool:
         """Within bounds and non-decreasing (the full vector too)."""
@@ -210,13 +224,8 @@ class FactorSpace:
         """The genes at the indices ``moved`` take a log-normal step (the rest stay); the result is projected."""
         genes = list(genes)
         lo, hi = math.log(self.low), math.log(self.high)
-        for i in moved:
-            # A step in log space, reflected off the bounds (a clipped step would leave a gene at its bound
-            # unchanged half the time, and YaRN's genes all sit at the lower bound s).
-            x = math.log(genes[i]) + rng.gauss(0.0, self.sigma)
-            for _ in range(4):
-                x = 2 * lo - x if x < lo else (2 * hi - x if x > hi else x)
-            genes[i] = math.exp(x)
+        for i in moved:  # a step in log space, reflected off the bounds
+            genes[i] = math.exp(reflect(math.log(genes[i]) + rng.gauss(0.0, self.sigma), lo, hi))
         return self.project(genes)
 
     def crossover(self, a: Sequence[float], b: Sequence[float], rng: random.Random) -> tuple[float, ...] | None:
@@ -282,7 +291,7 @@ class AttentionSpace:
             raise ValueError(f"attention low/high: need 0 < low <= high, got {self.low}, {self.high}")
         if not self.step > 0:
             raise ValueError(f"attention step: must be > 0, got {self.step}")
-        if self._grid_bounds()[0] > self.high:
+        if grid_bounds(self.low, self.high, ATTENTION_GRID)[0] > self.high:
             raise ValueError(f"attention low/high: no point of the {ATTENTION_GRID} grid in [{self.low}, {self.high}]")
 
     @property
@@ -324,16 +333,9 @@ class AttentionSpace:
     def project(self, genes: Sequence[float]) -> tuple[float, ...]:
         return self.inner.project(genes[:-1]) + (self.project_attention(genes[-1]),)
 
-    def _grid_bounds(self) -> tuple[float, float]:
-        lo, hi = on_attention_grid(self.low), on_attention_grid(self.high)
-        lo = lo if lo >= self.low else on_attention_grid(lo + ATTENTION_GRID)
-        hi = hi if hi <= self.high else on_attention_grid(hi - ATTENTION_GRID)
-        return lo, hi
-
     def project_attention(self, attention: float) -> float:
         """Clip to [low, high] and round to the grid (staying inside the bounds)."""
-        lo, hi = self._grid_bounds()
-        return min(max(on_attention_grid(min(max(float(attention), self.low), self.high)), lo), hi)
+        return project_value(attention, self.low, self.high, ATTENTION_GRID)
 
     def valid(self, genes: Sequence[float]) -> bool:
         return (len(genes) == self.size and self.inner.valid(genes[:-1])
@@ -348,11 +350,7 @@ class AttentionSpace:
         factor_genes = self.inner.move(genes[:-1], [i for i in moved if i < n - 1], rng)
         attention = float(genes[-1])
         if n - 1 in moved:
-            x = attention + rng.gauss(0.0, self.step)
-            # Reflected, not clipped: a clipped step would leave an attention at its bound there half the time.
-            for _ in range(4):
-                x = 2 * self.low - x if x < self.low else (2 * self.high - x if x > self.high else x)
-            attention = x
+            attention = reflect(attention + rng.gauss(0.0, self.step), self.low, self.high)
         return factor_genes + (self.project_attention(attention),)
 
     def crossover(self, a: Sequence[float], b: Sequence[float], rng: random.Random) -> tuple[float, ...] | None:

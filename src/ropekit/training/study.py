@@ -172,7 +172,7 @@ def passkey_rows(count: int, length: int, rng: random.Random) -> PackedRows:
 
 def mixed_rows(docs: list[str], length: int, passkey_share: float, seed: int) -> PackedRows:
     """Packed source-code rows plus passkey rows (``passkey_share`` of the total)."""
-    code = pack_documents(tokenize_documents(docs, ByteTokenizer()), length)
+    code = pack_documents(tokenize_documents(docs, BYTES), length)
     n_passkey = int(round(len(code) * passkey_share / (1 - passkey_share))) if passkey_share else 0
     if n_passkey == 0:
         return code
@@ -186,7 +186,7 @@ def pose_mixture(docs: list[str], window: int, passkey_share: float, seed: int) 
     (``passkey_share`` of the total); the training loop gives each row its skipped position ids per step."""
     from ropekit.training.pose import pose_windows
 
-    code = pose_windows(tokenize_documents(docs, ByteTokenizer()), window)
+    code = pose_windows(tokenize_documents(docs, BYTES), window)
     n_passkey = int(round(len(code) * passkey_share / (1 - passkey_share))) if passkey_share else 0
     if n_passkey == 0:
         return code
@@ -218,10 +218,9 @@ def held_out_windows(docs: list[str], length: int, count: int) -> list:
     """The first ``length`` bytes of the first ``count`` held-out files that long (TokenWindow list)."""
     from ropekit.evaluation import TokenWindow
 
-    tok = ByteTokenizer()
     out = []
     for i, text in enumerate(docs):
-        ids = tok.encode(text)
+        ids = BYTES.encode(text)
         if len(ids) >= length:
             out.append(TokenWindow(f"held-out-{i}", torch.tensor(ids[:length], dtype=torch.long)))
             if len(out) == count:
@@ -235,11 +234,10 @@ def build_model(sizes: StudySizes):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(sizes.seed)
-    tok = ByteTokenizer()
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
+    config = LlamaConfig(vocab_size=BYTES.vocab_size, hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
                          num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
                          num_key_value_heads=sizes.kv_heads, max_position_embeddings=sizes.train_len,
-                         rope_theta=sizes.rope_base, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                         rope_theta=sizes.rope_base, eos_token_id=BYTES.eos_token_id, bos_token_id=None,
                          pad_token_id=None, tie_word_embeddings=True, attn_implementation="sdpa")
     return LlamaForCausalLM(config)
 
