@@ -28,10 +28,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("ropekit.config", "ropekit.methods", "ropekit.gguf", "ropekit.warn")),
     ("reference", ("ropekit.rotation",)),
     ("kernels", ("ropekit.kernels.cpu", "ropekit.kernels.triton_rope", "ropekit.kernels.ops")),
-    ("dispatch", ("ropekit.dispatch", "ropekit.kernels.dispatch", "=ropekit.kernels")),
+    ("dispatch", ("ropekit.kernels.dispatch", "=ropekit.kernels")),
     ("module", ("ropekit.module", "ropekit.multimodal", "=ropekit")),
-    ("integration", ("ropekit.models", "ropekit.hf", "ropekit.io", "ropekit.output")),
-    ("applications", ("ropekit.evaluation", "ropekit.eval", "ropekit.training", "ropekit.train", "ropekit.search",
+    ("integration", ("ropekit.hf", "ropekit.output")),
+    ("applications", ("ropekit.evaluation", "ropekit.training", "ropekit.search",
                       "ropekit.analysis", "ropekit.kernels.bench")),
     ("cli", ("ropekit.cli", "ropekit.commands")),
 ]

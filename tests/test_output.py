@@ -14,8 +14,8 @@ from ropekit.output import (
     OutputError,
     check_output_dir,
     check_output_file,
-    claim,
     foreign_entries,
+    record,
     write_file_atomic,
 )
 
@@ -52,11 +52,24 @@ def test_user_files_refuse_the_folder_before_any_work(tmp_path):
 
 def test_overwrite_writes_into_the_folder_and_keeps_other_files(tmp_path):
     (tmp_path / "thesis.txt").write_text("years of work")
-    (tmp_path / "summary.md").write_text("user's own summary")
     with OutputDir(tmp_path, command="compare", overwrite=True) as o:
         o.write_text("summary.md", "ropekit's summary")
     assert (tmp_path / "thesis.txt").read_text() == "years of work"
     assert (tmp_path / "summary.md").read_text() == "ropekit's summary"
+
+
+def test_overwrite_never_replaces_a_same_named_user_file(tmp_path):
+    (tmp_path / "summary.md").write_text("user's own summary")
+    # refused by name before the job when the name is declared ...
+    with pytest.raises(OutputError, match=r"^--out: .*summary\.md exists and was not written by ropekit"):
+        check_output_dir(tmp_path, overwrite=True, names=["summary.md"])
+    # ... and at the commit otherwise, before anything moves: the other file is not written either
+    with pytest.raises(OutputError, match=r"summary\.md exists and was not written by ropekit"):
+        with OutputDir(tmp_path, command="compare", overwrite=True) as o:
+            o.write_text("a.png", "plot")
+            o.write_text("summary.md", "ropekit's summary")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]
+    assert (tmp_path / "summary.md").read_text() == "user's own summary"
 
 
 def test_rerun_into_own_output_needs_no_overwrite_and_drops_only_its_stale_files(tmp_path):
@@ -136,15 +149,17 @@ def test_write_file_atomic_mode_and_no_temporaries(tmp_path):
     assert [x.name for x in p.parent.iterdir()] == ["b.json"]
 
 
-def test_claimed_folders_count_as_ropekit_output(tmp_path):
-    claim(tmp_path, ["checkpoints", "training.json"], "finetune")
+def test_recorded_files_count_as_ropekit_output_while_unchanged(tmp_path):
     (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-1" / "model.pt").write_text("w")
     (tmp_path / "training.json").write_text("{}")
+    record(tmp_path, ["checkpoints/step-1/model.pt", "training.json"], "finetune")
     assert foreign_entries(tmp_path) == []
-    (tmp_path / "checkpoints" / "user.txt").write_text("inside a claimed folder counts as ropekit's")
+    # a recorded folder does not make everything in it ropekit's, and a changed file is the user's now
+    (tmp_path / "checkpoints" / "user.txt").write_text("the user's")
+    (tmp_path / "training.json").write_text('{"edited": true}')
     (tmp_path / "mine.txt").write_text("x")
-    assert foreign_entries(tmp_path) == ["mine.txt"]
+    assert foreign_entries(tmp_path) == ["mine.txt", "training.json", "checkpoints/user.txt"]
 
 
 def test_unwritable_parent_is_refused(tmp_path):

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import typer
+import typer.core
 
 # click's exception classes, wherever this typer keeps them (its own vendored copy or click itself).
 _errors = sys.modules[typer.BadParameter.__module__]
@@ -32,10 +34,72 @@ COMMAND_MODULES: list[str] = ["evaluate", "compare", "inspect", "export", "bench
 USAGE_ERROR = 2
 
 
+# A MODEL argument that is one of these words (and no file or folder) is a flag's value typed by mistake.
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+class CheckedCommand(typer.core.TyperCommand):
+    """A sub-command whose options get the checks every command shares, after parsing and before the command
+    runs (so before anything is read or loaded): a float option that is not finite (``--tolerance nan``,
+    ``--lr inf``; the registry's ``check_number``, the rule method parameters follow too), and a MODEL that is
+    a bare boolean word (``compare --overwrite true`` reads ``true`` as the model)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        ctx.meta["ropekit.args"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        from ropekit.commands.common import error_exit
+        from ropekit.methods.registry import check_number
+
+        for param in self.params:
+            value = ctx.params.get(param.name)
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, float):
+                    try:
+                        check_number(_flag(param), item)
+                    except ValueError as exc:
+                        error_exit(str(exc))
+        model = ctx.params.get("model")
+        if isinstance(model, str) and model.lower() in BOOL_WORDS and not Path(model).exists():
+            error_exit(f"MODEL: {model!r} is not a model (a folder, a .gguf file, a hub id or 'demo'); "
+                       f"flags take no value ({self._flag_before(ctx, model)}, not "
+                       f"{self._flag_before(ctx, model)} {model})")
+        return super().invoke(ctx)
+
+    def _flag_before(self, ctx, word: str) -> str:
+        """The flag typed just before ``word`` (``--overwrite`` in ``--overwrite true``), else a flag of this
+        command that takes no value."""
+        args = ctx.meta.get("ropekit.args", [])
+        for before, arg in zip(args, args[1:]):
+            if arg == word and before.startswith("--"):
+                return before.partition("=")[0]
+        flags = [p for p in self.params if getattr(p, "is_flag", False) and getattr(p, "opts", None)]
+        return _flag(flags[0]) if flags else "--overwrite"
+
+
+def _flag(param) -> str:
+    """The long form of an option (``--factor`` for ``-f/--factor``); an argument's name in capitals."""
+    opts = list(getattr(param, "opts", None) or [])
+    if getattr(param, "param_type_name", "") == "argument" or not opts:
+        return (param.name or "").upper()
+    return next((o for o in opts if o.startswith("--")), opts[0])
+
+
+def _checked(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):
+            info.cls = CheckedCommand
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _checked(group.typer_instance)
+
+
 def build_app() -> typer.Typer:
     if not app.registered_commands and not app.registered_groups:
         for name in COMMAND_MODULES:
             importlib.import_module(f"ropekit.commands.{name}").register(app)
+        _checked(app)
     return app
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -278,8 +277,8 @@ class RopeConfig:
             FileNotFoundError: ``factors_file`` does not exist.
         """
         for name, value in [("factor", factor), ("target_length", target_length), *params.items()]:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name}: must be a finite number, got {value}")
+            if isinstance(value, float):
+                _check_number(name, value)  # the registry's one finiteness rule
         if not isinstance(method, str):
             raise ValueError(f"method: must be a method name (str), got {method!r}; accepted: "
                              f"{', '.join(method_names())}")
@@ -856,10 +855,45 @@ def _is_rope_layer_type(layer_type: str) -> bool:
     return not any(word in layer_type for word in _NON_ROPE_TYPE_WORDS)
 
 
+# Config fields that give a model's shape and its RoPE's geometry: when present (not null), a positive integer.
+HF_SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "num_hidden_layers",
+                   "max_position_embeddings", "original_max_position_embeddings", "n_embd", "n_head", "n_layer",
+                   "n_positions", "n_ctx", "d_model", "num_heads", "rotary_dim", "qk_rope_head_dim",
+                   "global_head_dim")
+# Config fields that hold a RoPE's parameters: an object (dict) or null.
+HF_ROPE_FIELDS = ("rope_parameters", "rope_scaling")
+
+
+def check_hf_config(config: Mapping[str, Any], prefix: str = "") -> None:
+    """ValueError naming the first field of a ``config.json`` dict that no model can be built from: a shape field
+    (``HF_SHAPE_FIELDS``) that is not a positive integer, a ``rope_parameters`` / ``rope_scaling`` that is not an
+    object; ``text_config`` too (``text_config.hidden_size: ...``). Fields that are absent or null are not
+    checked here (the readers say what they miss)."""
+    for key in HF_SHAPE_FIELDS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            kind = "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+            raise ValueError(f"{prefix}{key}: must be a positive integer, got {value!r} ({kind})")
+        if value < 1:
+            raise ValueError(f"{prefix}{key}: must be a positive integer, got {value}")
+    for key in HF_ROPE_FIELDS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f'{prefix}{key}: must be an object like {{"rope_type": "yarn", "factor": 2.0}} '
+                             f"(or null), got {value!r}")
+    text = config.get("text_config")
+    if isinstance(text, Mapping):
+        check_hf_config(text, f"{prefix}text_config.")
+
+
 def _hf_view(config: Any) -> dict[str, Any]:
     """The config dict that describes the text model: a multimodal checkpoint's ``text_config`` when the top
-    level has no RoPE of its own (Gemma 3, Mistral-Small-3.1, Llama 4, Qwen2.5-VL's newer form)."""
+    level has no RoPE of its own (Gemma 3, Mistral-Small-3.1, Llama 4, Qwen2.5-VL's newer form). Raises
+    ValueError naming a field that no model can be built from (``check_hf_config``)."""
     d = _as_dict(config)
+    check_hf_config(d)
     text = d.get("text_config")
     if hasattr(text, "to_dict"):
         text = _as_dict(text)

@@ -9,10 +9,12 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from ropekit.commands.common import typed_path
+
 
 def bench_command(
     quick: Annotated[bool, typer.Option("--quick", help="tiny shapes, 3 repeats (a smoke run)")] = False,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON here")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", parser=typed_path, help="also write the results as JSON here")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda")] = "auto",
     dtypes: Annotated[str, typer.Option("--dtypes", help="comma-separated: float32, bfloat16")] = "float32,bfloat16",
     repeats: Annotated[Optional[int], typer.Option("--repeats", help="timed calls per row (default 15, quick 3)")] = None,

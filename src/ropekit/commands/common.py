@@ -101,11 +101,11 @@ def cli_message(message: str, renames: dict[str, str] | None = None) -> str:
     head, sep, rest = message.partition(":")
     if not sep:
         return message
-    key = head.strip()
-    flag = (renames or {}).get(key) or field_flags().get(key)
-    if not flag:
+    # One field (``mscale: ...``) or several that are at fault together (``mscale, mscale_all_dim: ...``).
+    flags = [(renames or {}).get(key) or field_flags().get(key) for key in (k.strip() for k in head.split(","))]
+    if not all(flags):
         return message
-    return f"{flag}:" + re.sub(r"\bby method '([\w.-]+)'", r"by --method \1", rest)
+    return f"{', '.join(flags)}:" + re.sub(r"\bby method '([\w.-]+)'", r"by --method \1", rest)
 
 
 def flags_for(*fields: str) -> dict[str, str]:
@@ -115,15 +115,19 @@ def flags_for(*fields: str) -> dict[str, str]:
 
 def extend_rope(base_cfg: RopeConfig, method: str, method_options: dict[str, Any] | None = None, *,
                 target_length: int | None = None) -> RopeConfig:
-    """``base_cfg.extend(method, ...)`` from CLI method options; ValueError messages name the flag."""
+    """``base_cfg.extend(method, ...)`` from CLI method options; ValueError / FileNotFoundError messages name
+    the flag (``--factors-file: ... not found``)."""
     options = dict(method_options or {})
     factor = options.pop("factor", None)
     factors_file = options.pop("factors_file", None)
     fields = {option_fields(dest)[0]: value for dest, value in options.items() if value is not None}
     try:
         return base_cfg.extend(method, factor, target_length=target_length, factors_file=factors_file, **fields)
-    except ValueError as exc:
-        raise ValueError(cli_message(str(exc))) from None
+    except (ValueError, FileNotFoundError) as exc:
+        message = cli_message(str(exc))
+        if target_length is None:  # no command that calls this has a --target-length to suggest
+            message = message.replace("; or give target_length", "")
+        raise type(exc)(message) from None
 
 
 def extend_or_exit(base_cfg: RopeConfig, method: str, method_options: dict[str, Any] | None = None, *,
@@ -172,26 +176,55 @@ def fail_on(option: str, message: str) -> NoReturn:
 
 
 # ---------------------------------------------------------------------- checks before any work
-def check_out_or_exit(path: Path | None, overwrite: bool, option: str = "--out") -> None:
-    """Refuse (one line, exit 2) an output folder that cannot be written without losing a user's files."""
+def check_out_or_exit(path: Path | None, overwrite: bool, option: str = "--out", *, names: tuple[str, ...] = (),
+                      source: str | Path | None = None) -> None:
+    """Refuse (one line, exit 2) an output folder that cannot be written without losing a user's files: see
+    ``ropekit.output.check_output_dir`` (``names``: what the command writes; ``source``: the model it reads)."""
     from ropekit.output import OutputError, check_output_dir
 
     if path is not None:
         try:
-            check_output_dir(path, option=option, overwrite=overwrite)
+            check_output_dir(path, option=option, overwrite=overwrite, names=names,
+                             source=_local_source(source))
         except OutputError as exc:
             error_exit(str(exc))
 
 
-def check_file_or_exit(path: Path | None, overwrite: bool, option: str = "--json") -> None:
-    """Refuse (one line, exit 2) an output file that is a folder, or exists and ``--overwrite`` was not given."""
-    from ropekit.output import OutputError, check_output_file
+def _local_source(source: str | Path | None) -> Path | None:
+    """The local file or folder a MODEL argument names, if any (the demo and hub ids are not written over)."""
+    if source is None or str(source) == "demo":
+        return None
+    path = Path(source).expanduser()
+    return path if path.exists() else None
+
+
+def check_file_or_exit(path: Path | None, overwrite: bool, option: str = "--json", *, out: Path | None = None,
+                       source: str | Path | None = None) -> None:
+    """Refuse (one line, exit 2) an output file that is a folder, or exists and ``--overwrite`` was not given, or
+    lies inside the command's ``--out`` folder ``out``, or is the model ``source`` being read."""
+    from ropekit.output import OutputError, check_file_outside, check_output_file
 
     if path is not None:
         try:
-            check_output_file(path, option=option, overwrite=overwrite)
+            if out is not None:
+                check_file_outside(path, out, option=option)
+            check_output_file(path, option=option, overwrite=overwrite, source=_local_source(source))
         except OutputError as exc:
             error_exit(str(exc))
+
+
+class TypedPath(type(Path())):
+    """A ``Path`` that remembers the text the user typed: ``Path("dir/new/")`` drops the trailing slash that says
+    "a folder"; ``typed`` keeps it (``ropekit.output`` reads it)."""
+
+    typed: str
+
+
+def typed_path(text: str) -> Path:
+    """typer ``parser=`` for output paths: a ``TypedPath`` of ``text``."""
+    path = TypedPath(text)
+    path.typed = text
+    return path
 
 
 def check_data_or_exit(data: str | Path | None, option: str = "--data") -> None:

@@ -87,15 +87,17 @@ def compare_command(
     target = target_length or 2 * base_cfg.original_max_position
     try:
         found, source = longrope_factors(model, target, factors_file)
-        plan_methods(base_cfg, target, method_list, factors_file=found, factors_source=source)
+        plans = plan_methods(base_cfg, target, method_list, factors_file=found, factors_source=source)
     except (ValueError, FileNotFoundError) as exc:
         error_exit(cli_message(str(exc), {"target length": "--target-length", "methods": "--methods",
                                           "factors_file": "--factors-file"}))
+    check_something_to_compare(plans, method_list, base_cfg.method)
 
     if demo_run and dtype is None and device in ("auto", "cpu") and cpu_has_native_bf16():
         # CPUs with native bf16 matmul run the demo model 1.5x faster in bf16 (the rotation itself stays
         # float32 inside ropekit), which keeps the no-argument run within 10 minutes on 2 cores.
         dtype = "bfloat16"
+    check_compare_size_or_exit(model, target, data, windows=windows, needles=needles, device=device, dtype=dtype)
     started = time.perf_counter()
     loaded = load_model_or_exit(model, device=device, dtype=dtype)
     load_s = round(time.perf_counter() - started, 1)
@@ -111,6 +113,39 @@ def compare_command(
                                           "target length": "--target-length"}))
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))
     typer.echo(f"report written to {out}/ in {result.wall_time_s:.0f} s")
+
+
+def check_something_to_compare(plans: list, method_list: list[str] | None, own_method: str) -> None:
+    """Refuse (one line naming --methods, exit 2) a comparison in which no method would run beside the baseline:
+    every method asked for is skipped (longrope without factors, ...) or is the model's own RoPE."""
+    if any(p.rope is not None for p in plans[1:]):
+        return
+    asked = method_list or []
+    reasons = [f"{p.method} would be skipped: {p.skipped}" for p in plans[1:] if p.skipped]
+    reasons += [f"{m} is the model's own RoPE (the baseline)" for m in asked if m == own_method and m != "longrope"]
+    error_exit(f"--methods: nothing to compare with the model's own RoPE: {'; '.join(reasons) or 'no method runs'}; "
+               f"the run would measure the baseline alone")
+
+
+def check_compare_size_or_exit(model: str | None, target: int, data: str | None, *, windows: int, needles: int,
+                               device: str, dtype: str | None) -> None:
+    """Before the load: ``target`` leaves room for the needles after a question, the text holds ``windows``
+    haystacks of that context and the machine can hold a forward of ``target`` tokens; one line naming
+    --target-length or --data otherwise. The tokenizer loads only where the sizes do not settle it."""
+    from ropekit.commands.limits import check_memory_or_exit, check_text_or_exit, lazy_tokenizer, qa_tokens_bound
+    from ropekit.evaluation.haystack import qa_tokens
+
+    tokenizer = lazy_tokenizer(model)
+    room = qa_tokens_bound(1)
+    if target - room < 4 * needles and tokenizer() is not None:
+        context = target - qa_tokens(tokenizer(), 1)
+        if context < 4 * needles:
+            error_exit(f"--target-length: {target} tokens is too short for {needles} needles (a context of "
+                       f"{context} tokens after the question; 4 per needle needed)")
+    check_text_or_exit(model, data, windows * max(target - room, 4 * needles), joined=True, tokenizer=tokenizer,
+                       length_option="--target-length",
+                       exact_length=lambda tok: windows * (target - qa_tokens(tok, 1)))
+    check_memory_or_exit(model, target, "--target-length", device=device, dtype=dtype)
 
 
 def cpu_has_native_bf16() -> bool:

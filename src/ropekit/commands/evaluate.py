@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -26,6 +27,7 @@ from ropekit.commands.common import (
     load_model_or_exit,
     model_rope_or_exit,
     options_for,
+    typed_path,
     with_method_options,
 )
 from ropekit.methods import canonical_name, get_method
@@ -37,7 +39,7 @@ MethodsOpt = Annotated[str, typer.Option("--method", "-m", help="scaling method(
 LengthsOpt = Annotated[Optional[str], typer.Option("--lengths", "-l", help="comma-separated context lengths in "
                                                    "tokens (default: the trained length and twice it)")]
 NoBaselineOpt = Annotated[bool, typer.Option("--no-baseline", help="skip the unscaled model (included by default)")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON to this file")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", parser=typed_path, help="write the results as JSON to this file")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="write JSON, CSV, Markdown and PNG files to this folder")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="a text file, a folder of text files, a .jsonl file "
                                                 "with a 'text' field, or 'stdlib' (the Python standard library's "
@@ -108,16 +110,25 @@ def runs_and_lengths(base_cfg, methods: str, method_options: dict[str, Any], len
     """``method_runs`` and the ``--lengths`` to measure (default: the trained length and twice it)."""
     runs = method_runs(base_cfg, methods, method_options, baseline=baseline)
     trained = base_cfg.trained_length
-    return runs, (parse_ints(lengths, "--lengths") if lengths else [n for n in (trained, 2 * trained) if n])
+    # An empty --lengths ("") is an error, not the default.
+    return runs, (parse_ints(lengths, "--lengths") if lengths is not None else
+                  [n for n in (trained, 2 * trained) if n])
 
 
 def preflight(model: str | None, method: str, method_options: dict[str, Any], lengths: str | None, *,
               baseline: bool, out: Path | None, json_path: Path | None, overwrite: bool, device: str,
-              dtype: str | None, data: str | None = None, data_option: str = "--data") -> None:
+              dtype: str | None, data: str | None = None, data_option: str = "--data", text: str | None = None,
+              windows: int = 1, probe: Callable[[Any, list[int]], None] | None = None) -> list[int]:
     """Every check an ``eval`` command can make before loading weights: outputs, data, device, the model's
-    files and config, the methods and their options, the lengths. Exits with one line on the first problem."""
-    check_out_or_exit(out, overwrite)
-    check_file_or_exit(json_path, overwrite)
+    files and config, the methods and their options, the lengths, that the text has tokens enough for the
+    longest length (``text``: "windows", ``windows`` documents that long; "joined", the documents joined into
+    one haystack; None: the command reads no text), that the prompts of the lengths below ``PROBE_BELOW`` can be
+    built (``probe(tokenizer, lengths)`` builds them, with the tokenizer alone) and that the machine can hold the
+    longest. Exits with one line on the first problem; returns the lengths."""
+    from ropekit.commands.limits import check_memory_or_exit, check_text_or_exit, load_tokenizer
+
+    check_out_or_exit(out, overwrite, source=model)
+    check_file_or_exit(json_path, overwrite, out=out, source=model)
     check_data_or_exit(data, data_option)
     check_device_or_exit(device, dtype)
     base_cfg, _ = model_rope_or_exit(model)
@@ -127,6 +138,31 @@ def preflight(model: str | None, method: str, method_options: dict[str, Any], le
         error_exit(str(exc))
     if not length_list:
         error_exit("--lengths: required (the model's config does not say its trained length)")
+    if text is not None:
+        check_text_or_exit(model, data, max(length_list), length_option="--lengths", data_option=data_option,
+                           count=max(windows, 1), joined=text == "joined")
+    short = [n for n in length_list if n < PROBE_BELOW]
+    if probe is not None and short:
+        tokenizer = load_tokenizer(model)
+        if tokenizer is not None:
+            try:
+                probe(tokenizer, short)
+            except (ValueError, FileNotFoundError) as exc:
+                error_exit(cli_message(str(exc), renames(data_option)))
+    check_memory_or_exit(model, max(length_list), "--lengths", device=device, dtype=dtype)
+    return length_list
+
+
+# A prompt's fixed parts (instruction, needle, question) take a few hundred tokens at most: lengths below this are
+# tried with the tokenizer before the model loads (a length too short for a prompt is refused then).
+PROBE_BELOW = 1024
+
+
+def renames(data_option: str = "--data") -> dict[str, str]:
+    """The eval commands' library fields -> their options (``length: ...`` -> ``--lengths: ...``)."""
+    return {"length": "--lengths", "lengths": "--lengths", "depth": "--depths", "depths": "--depths",
+            "trials": "--trials", "samples": "--samples", "tasks": "--tasks", "data": data_option,
+            "haystack": data_option, "text": data_option}
 
 
 def _load(model: str | None, device: str, dtype: str | None):
@@ -175,7 +211,7 @@ def ppl_command(
 
     check_positive(bucket_size=(bucket_size, 1), chunk_size=(chunk_size, 1), windows=(windows, 0))
     preflight(model, method, method_options, lengths, baseline=not no_baseline, out=out, json_path=json_path,
-              overwrite=overwrite, device=device, dtype=dtype, data=data)
+              overwrite=overwrite, device=device, dtype=dtype, data=data, text="windows", windows=windows)
     loaded = _load(model, device, dtype)
     try:
         runs, length_list = runs_and_lengths(loaded.rope, method, method_options, lengths,
@@ -236,16 +272,24 @@ def passkey_command(
     """Passkey retrieval (a 5-digit key in filler text, greedy answer): accuracy over depth x length."""
     from ropekit.evaluation.passkey import evaluate_passkey
 
+    from ropekit.evaluation.passkey import passkey_builder
+
     depth_list = _depths_or_exit(depths, trials)
+
+    def probe(tokenizer, short: list[int]) -> None:  # the prompts evaluate_retrieval builds first
+        build = passkey_builder(tokenizer)
+        for n, d, t in ((n, d, t) for n in short for d in depth_list for t in range(trials)):
+            build(n, d, random.Random(f"{seed}-{n}-{d}-{t}"))
+
     preflight(model, method, method_options, lengths, baseline=not no_baseline, out=out, json_path=json_path,
-              overwrite=overwrite, device=device, dtype=dtype)
+              overwrite=overwrite, device=device, dtype=dtype, probe=probe)
     loaded = _load(model, device, dtype)
     try:
         runs, length_list = runs_and_lengths(loaded.rope, method, method_options, lengths,
                                              baseline=not no_baseline)
         results = evaluate_passkey(loaded.model, loaded.tokenizer, runs, length_list, depth_list, trials, seed=seed)
     except (ValueError, FileNotFoundError) as exc:
-        error_exit(str(exc))
+        error_exit(cli_message(str(exc), renames()))
     _retrieval_outputs(out, json_path, loaded, results, "passkey", overwrite)
 
 
@@ -280,9 +324,17 @@ def needle_command(
     if any(v is not None for v in custom.values()) and not all(v for v in custom.values()):
         missing = ", ".join(k for k, v in custom.items() if not v)
         error_exit(f"{missing}: a custom needle needs --needle, --question and --answer together")
+    def probe(tokenizer, short: list[int]) -> None:  # the prompts evaluate_retrieval builds first
+        from ropekit.evaluation.needle import needle_builder
+
+        build = needle_builder(tokenizer, load_documents(haystack), max(short), needle=needle, question=question,
+                               answer=answer)
+        for n, d, t in ((n, d, t) for n in short for d in depth_list for t in range(trials)):
+            build(n, d, random.Random(f"{seed}-{n}-{d}-{t}"))
+
     preflight(model, method, method_options, lengths, baseline=not no_baseline, out=out, json_path=json_path,
               overwrite=overwrite, device=device, dtype=dtype, data=haystack,
-              data_option="--haystack")
+              data_option="--haystack", text="joined", probe=probe)
     loaded = _load(model, device, dtype)
     try:
         runs, length_list = runs_and_lengths(loaded.rope, method, method_options, lengths,
@@ -290,7 +342,7 @@ def needle_command(
         results = evaluate_needle(loaded.model, loaded.tokenizer, load_documents(haystack), runs, length_list,
                                   depth_list, trials, seed=seed, needle=needle, question=question, answer=answer)
     except (ValueError, FileNotFoundError) as exc:
-        fail_on("--haystack", str(exc))
+        error_exit(cli_message(str(exc), renames("--haystack")))
     _retrieval_outputs(out, json_path, loaded, results, "needle", overwrite)
 
 
@@ -324,8 +376,24 @@ def ruler_command(
     unknown = [t for t in task_list if t not in TASKS]
     if unknown or not task_list:
         error_exit(f"--tasks: {', '.join(unknown) or 'none given'} not accepted; accepted: all, {', '.join(TASKS)}")
+    from ropekit.evaluation.data import concatenated_tokens, load_documents
+    from ropekit.evaluation.ruler import build_sample, word_vocabulary
+
+    def vocabulary() -> list[str]:  # the word tasks' words, from the text alone
+        return word_vocabulary(load_documents(data)) if "common_words" in task_list else []
+
+    def probe(tokenizer, short: list[int]) -> None:  # the samples evaluate_ruler builds first
+        text_ids = concatenated_tokens(load_documents(data), tokenizer, max(short))
+        words = vocabulary()
+        for t, n, i in ((t, n, i) for t in task_list for n in short for i in range(samples)):
+            build_sample(t, tokenizer, n, random.Random(f"{seed}-{t}-{n}-{i}"), text_ids, words)
+
     preflight(model, method, method_options, lengths, baseline=not no_baseline, out=out, json_path=json_path,
-              overwrite=overwrite, device=device, dtype=dtype, data=data)
+              overwrite=overwrite, device=device, dtype=dtype, data=data, text="joined", probe=probe)
+    try:
+        vocabulary()
+    except (ValueError, FileNotFoundError) as exc:
+        error_exit(cli_message(str(exc), renames()))
     loaded = _load(model, device, dtype)
     try:
         runs, length_list = runs_and_lengths(loaded.rope, method, method_options, lengths,
@@ -333,7 +401,7 @@ def ruler_command(
         results = evaluate_ruler(loaded.model, loaded.tokenizer, runs, length_list, task_list, samples,
                                  data=data, seed=seed)
     except (ValueError, FileNotFoundError) as exc:
-        error_exit(cli_message(str(exc), {"data": "--data", "length": "--lengths", "text": "--data"}))
+        error_exit(cli_message(str(exc), renames()))
     from ropekit.evaluation import report
 
     table = ruler_markdown(results)

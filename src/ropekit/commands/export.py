@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -19,11 +19,25 @@ from ropekit.commands.common import (
     error_exit,
     extend_or_exit,
     model_rope_or_exit,
+    typed_path,
     with_method_options,
 )
 from ropekit.methods import method_names
 
 FORMATS = ("transformers", "gguf")
+
+
+def write_error_exit(exc: BaseException, out: Path) -> NoReturn:
+    """A failed write of ``--out`` as one line: a full disk said so (an OSError ENOSPC/EDQUOT, or safetensors'
+    SafetensorError "IoError(Os { code: 28, kind: StorageFull ...})"), any other error with its reason."""
+    import errno
+
+    text = str(exc)
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or any(s in text for s in ("StorageFull", "No space left", "code: 28")):
+        error_exit(f"--out: no space left on device while writing {out}; free some space or choose another --out")
+    reason = getattr(exc, "strerror", None) or (text.strip().splitlines() or [type(exc).__name__])[0]
+    error_exit(f"--out: cannot write {out}: {reason}")
 
 
 def _checkpoint_dtype(source: str | None) -> str:
@@ -72,7 +86,7 @@ def _export_gguf(model: str | None, method: str, out: Path, overwrite: bool, dty
     except ValueError as exc:
         error_exit(str(exc))
     except OSError as exc:
-        error_exit(f"--out: cannot write {out}: {exc.strerror or exc}")
+        write_error_exit(exc, out)
     keys = ", ".join(f"{k.split('.', 1)[1]}={v!r}" for k, (v, _) in plan.set_keys.items())
     tensors = f"; tensors {', '.join(plan.set_tensors)}" if plan.set_tensors else ""
     typer.echo(f"wrote {path}: {cfg.method}" + (f" factor {cfg.factor:g}" if cfg.factor else "") + f" ({keys}{tensors})")
@@ -93,7 +107,7 @@ def register(app: typer.Typer) -> None:
         model: ModelArg = None,
         method: Annotated[str, typer.Option("--method", "-m", help="scaling method (transformers-loadable: "
                                             f"{', '.join(method_names(exportable=True))})")] = ...,
-        out: Annotated[Path, typer.Option("--out", "-o", help="output folder (must not exist or be empty); with "
+        out: Annotated[Path, typer.Option("--out", "-o", parser=typed_path, help="output folder (must not exist or be empty); with "
                                           "--format gguf the new .gguf file (must not exist)")] = ...,
         out_format: Annotated[str, typer.Option("--format", help="transformers (a checkpoint folder) or gguf (a "
                                                 ".gguf copy for llama.cpp; MODEL must be a .gguf)")] = "transformers",
@@ -103,6 +117,7 @@ def register(app: typer.Typer) -> None:
         method_options: dict = None,
     ) -> None:
         from ropekit.hf import DTYPES, export_model, load_model
+        from ropekit.hf.export import EXPORT_NAMES
         from ropekit.hf.export_gguf import vllm_command
 
         if out_format not in FORMATS:
@@ -112,7 +127,7 @@ def register(app: typer.Typer) -> None:
             return
         if dtype is not None and dtype not in DTYPES:
             error_exit(f"--dtype: {dtype!r} not accepted; accepted: {', '.join(DTYPES)}")
-        check_out_or_exit(out, overwrite)
+        check_out_or_exit(out, overwrite, names=EXPORT_NAMES, source=model)
         # Check the model's files, the method and its options on the config alone, before the weights load.
         base_cfg, name = model_rope_or_exit(model)
         cfg = extend_or_exit(base_cfg, method, method_options)
@@ -123,7 +138,9 @@ def register(app: typer.Typer) -> None:
 
         typer.echo(f"loading {name} ...")
         try:
-            loaded = load_model(model or "demo", device="cpu", dtype=dtype or _checkpoint_dtype(model))
+            # model_rope_or_exit has just checked the files: no second check.
+            loaded = load_model(model or "demo", device="cpu", dtype=dtype or _checkpoint_dtype(model),
+                                check_files=False)
         except (FileNotFoundError, ValueError) as exc:
             error_exit(str(exc))
         cfg = extend_or_exit(loaded.rope, method, method_options)
@@ -131,8 +148,10 @@ def register(app: typer.Typer) -> None:
             path = export_model(loaded, cfg, out, overwrite=overwrite)
         except (FileExistsError, ValueError) as exc:
             error_exit(str(exc))
-        except OSError as exc:
-            error_exit(f"--out: cannot write {out}: {exc.strerror or exc}")
+        except Exception as exc:  # noqa: BLE001 - OSError, and safetensors' SafetensorError around one
+            if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
+                raise
+            write_error_exit(exc, out)
         hf = cfg.to_hf()
         typer.echo(f"wrote {path}: {cfg.method}"
                    + (f" factor {cfg.factor:g}" if cfg.factor else "")

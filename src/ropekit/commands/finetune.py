@@ -81,8 +81,8 @@ def finetune_command(
         extend_rope,
         model_rope_or_exit,
     )
-    from ropekit.output import claim
-    from ropekit.training.finetune import FinetuneSettings, finetune, warmup_warning
+    from ropekit.commands.limits import check_memory_or_exit, check_text_or_exit
+    from ropekit.training.finetune import OUTPUT_NAMES, FinetuneSettings, finetune, list_checkpoints, warmup_warning
 
     # Every check that needs no weights, before the model loads.
     if window is not None and not pose:
@@ -111,12 +111,18 @@ def finetune_command(
     check_data_or_exit(data, "--data")
     if eval_data is not None:
         check_data_or_exit(eval_data, "--eval-data")
-    if not resume:
-        check_out_or_exit(out, overwrite)
-    elif not out.is_dir():
+    if resume and not out.is_dir():
         error_exit(f"--resume: {out} does not exist; there is no run to resume")
+    check_out_or_exit(out, overwrite or resume, names=OUTPUT_NAMES, source=model)
+    if resume and not list_checkpoints(out):
+        error_exit(f"--resume: {out} holds no checkpoint ropekit wrote (checkpoints/step-N from an earlier "
+                   f"ropekit finetune --checkpoint-every N); there is no run to resume")
     base_cfg, _ = model_rope_or_exit(model)
     extended = extend_or_exit(base_cfg, method, method_options)
+    # Enough text and memory for --seq-len, from the files' sizes and the config alone (packing joins documents
+    # with EOS, so no tokenizer is needed to bound the supply).
+    check_text_or_exit(model, data, seq_len, joined=True, length_option="--seq-len", tokenizer=lambda: None)
+    check_memory_or_exit(model, seq_len, "--seq-len", device=device, dtype=None)
     if mixed_windows and not extended.length_dependent:
         error_exit(f"--mixed-windows: needs a method whose rotation depends on the length (longrope, dynamic, "
                    f"dynamic_yarn); --method {method} rotates every row alike")
@@ -127,9 +133,6 @@ def finetune_command(
     early_warning = warmup_warning(settings)
     if early_warning and _is_main():
         typer.echo(f"warning: {early_warning}", err=True)  # said once, before the model loads
-    if _is_main():
-        claim(out, ["checkpoints", "model", "training.json", "training_curve.png"], "finetune")
-
     try:
         with warnings.catch_warnings():
             if early_warning:

@@ -18,6 +18,7 @@ from ropekit.commands.common import (
     check_file_or_exit,
     check_out_or_exit,
     error_exit,
+    typed_path,
 )
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +32,7 @@ def register(app: typer.Typer) -> None:
             "--target-length", "-t", help="length to extend to (default: twice the trained length; an already "
                                           "scaled model: its own target)")] = None,
         out: Annotated[Path, typer.Option("--out", "-o", help="folder for the plots")] = Path("ropekit-inspect"),
-        json_file: Annotated[Optional[Path], typer.Option("--json", help="write the full analysis as JSON")] = None,
+        json_file: Annotated[Optional[Path], typer.Option("--json", parser=typed_path, help="write the full analysis as JSON")] = None,
         no_plots: Annotated[bool, typer.Option("--no-plots", help="print the table only")] = False,
         overwrite: OverwriteOpt = False,
     ) -> None:
@@ -43,8 +44,8 @@ def register(app: typer.Typer) -> None:
         if target_length is not None and target_length < 1:
             error_exit(f"--target-length: must be a positive number of tokens, got {target_length}")
         if not no_plots:
-            check_out_or_exit(out, overwrite)
-        check_file_or_exit(json_file, overwrite)
+            check_out_or_exit(out, overwrite, names=("wavelengths.png", "decay.png"), source=model)
+        check_file_or_exit(json_file, overwrite, out=None if no_plots else out, source=model)
         try:
             from ropekit.hf.load import rope_from_source
 

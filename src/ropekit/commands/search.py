@@ -20,8 +20,10 @@ from ropekit.commands.common import (
     check_device_or_exit,
     check_out_or_exit,
     check_positive,
+    cli_message,
     error_exit,
     fail_on,
+    flags_for,
     load_model_or_exit,
     model_rope_or_exit,
 )
@@ -141,6 +143,8 @@ def register(app: typer.Typer) -> None:
                        f"got {max_factor}")
         if export is not None:
             from ropekit.hf import hf_config_for  # noqa: F401  (exportable families are checked at export)
+        check_search_size_or_exit(model, target_length, data, trained=trained, needles=needles, device=device,
+                                  dtype=dtype)
 
         typer.echo(f"loading {name} ...")
         loaded = load_model_or_exit(model, device=device, dtype=dtype)
@@ -162,9 +166,10 @@ def register(app: typer.Typer) -> None:
             message = str(exc)
             if message.startswith("data:"):
                 fail_on("--data", message)
-            for name, flag in (("target_length:", "--target-length:"), ("search_attention:", "--search-attention:")):
-                message = message.replace(name, flag, 1)
-            error_exit(message)
+            error_exit(cli_message(message, {**flags_for("target_length", "search_attention", "tolerance",
+                                                         "short_tolerance", "text_weight", "budget", "max_factor",
+                                                         "mutation_step", "needles", "resume"),
+                                             "attention_factor": "--attention-factor"}))
         rec = result.factors["search"]
         yarn = rec["seeds"].get("yarn", {}).get("score")
         typer.echo(f"best #{result.best.id} ({result.best.origin}, generation {result.best.generation}): score "
@@ -188,3 +193,26 @@ def register(app: typer.Typer) -> None:
             except (FileExistsError, ValueError) as exc:
                 error_exit(f"--export: {exc}")
             typer.echo(f"wrote {path}: rope_type longrope (plain transformers loads it)")
+
+
+def check_search_size_or_exit(model: str | None, target_length: int, data: str | None, *, trained: int, needles: int,
+                              device: str, dtype: str | None) -> None:
+    """Before the load: ``target_length`` leaves more than the trained length of context after the questions,
+    the text holds that context (the fitness haystack) and the machine can hold a forward of ``target_length``
+    tokens; one line naming the option otherwise. The tokenizer loads only where the sizes do not settle it."""
+    from ropekit.commands.limits import check_memory_or_exit, check_text_or_exit, lazy_tokenizer, qa_tokens_bound
+    from ropekit.evaluation.haystack import qa_tokens
+    from ropekit.search.fitness import SEARCH_STYLE
+
+    tokenizer = lazy_tokenizer(model)
+    room = qa_tokens_bound(needles, SEARCH_STYLE)
+    if target_length - room <= trained and tokenizer() is not None:
+        context = target_length - qa_tokens(tokenizer(), needles, SEARCH_STYLE)
+        if context <= trained:
+            error_exit(f"--target-length: {target_length} leaves {context} tokens of context after {needles} "
+                       f"questions, not more than the trained length {trained}; use fewer --needles or a longer "
+                       f"target")
+    check_text_or_exit(model, data, max(target_length - room, trained + 1), joined=True, tokenizer=tokenizer,
+                       length_option="--target-length",
+                       exact_length=lambda tok: target_length - qa_tokens(tok, needles, SEARCH_STYLE))
+    check_memory_or_exit(model, target_length, "--target-length", device=device, dtype=dtype)

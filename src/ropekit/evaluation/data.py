@@ -11,7 +11,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -34,9 +34,8 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_documents() -> Iterator[Document]:
-    """The standard library's ``*.py`` files, largest first (long documents are what length evaluation needs),
-    ties by path; test suites and third-party ``site-packages`` are left out. Deterministic on one Python."""
+def _stdlib_files() -> list[tuple[int, str, Path]]:
+    """(-size, relative path, path) of the standard library's documents, in ``stdlib_documents`` order."""
     root = stdlib_dir()
     files = []
     for path in root.rglob("*.py"):
@@ -44,8 +43,24 @@ def stdlib_documents() -> Iterator[Document]:
         if rel.parts[0] in ("site-packages", "dist-packages", "idlelib", "lib2to3", "pydoc_data") or {"test", "tests"} & set(rel.parts):
             continue
         files.append((-path.stat().st_size, str(rel), path))
-    for _, rel, path in sorted(files):
+    return sorted(files)
+
+
+def stdlib_documents() -> Iterator[Document]:
+    """The standard library's ``*.py`` files, largest first (long documents are what length evaluation needs),
+    ties by path; test suites and third-party ``site-packages`` are left out. Deterministic on one Python."""
+    for _, rel, path in _stdlib_files():
         yield Document(f"stdlib/{rel}", path.read_text(encoding="utf-8", errors="replace"))
+
+
+def _folder_files(path: Path) -> list[Path]:
+    """The files ``load_documents`` reads from the folder ``path``, in its order; ValueError when there are none."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and (p.suffix.lower() in TEXT_SUFFIXES or p.suffix.lower() in JSONL_SUFFIXES))
+    if not files:
+        raise ValueError(f"data: folder {path} has no text files ({', '.join(s for s in TEXT_SUFFIXES if s)}, "
+                         f"{', '.join(JSONL_SUFFIXES)})")
+    return files
 
 
 def load_documents(path: str | Path | None = None) -> Iterator[Document]:
@@ -62,12 +77,7 @@ def load_documents(path: str | Path | None = None) -> Iterator[Document]:
     if not path.exists():
         raise FileNotFoundError(f"data: no such file or folder: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and (p.suffix.lower() in TEXT_SUFFIXES or p.suffix.lower() in JSONL_SUFFIXES))
-        if not files:
-            raise ValueError(f"data: folder {path} has no text files ({', '.join(s for s in TEXT_SUFFIXES if s)}, "
-                             f"{', '.join(JSONL_SUFFIXES)})")
-        for f in files:
+        for f in _folder_files(path):
             yield from load_documents(f)
         return
     if path.suffix.lower() in JSONL_SUFFIXES:
@@ -77,36 +87,136 @@ def load_documents(path: str | Path | None = None) -> Iterator[Document]:
 
 
 def check_documents(path: str | Path | None = None) -> None:
-    """The cheap checks of ``load_documents(path)``, run before any model loads: the path exists, a folder holds
-    text files, a file starts as UTF-8 text (JSON lines: its first record has a ``text`` field).
+    """The cheap checks of ``load_documents(path)``, run before any model loads: the path is not empty text and
+    exists, a folder holds text files, each file (every one of a folder's) is readable and starts as UTF-8 text
+    (JSON lines: its first record has a ``text`` field); a single file, or a whole folder, is not empty.
 
     Raises FileNotFoundError / ValueError as ``load_documents`` would (messages start with ``data:``).
     """
     if path is None or str(path) == DEFAULT_CORPUS:
         return
+    if not str(path).strip():  # Path("") is the current folder: never what an empty value meant
+        raise ValueError(f"data: empty path {str(path)!r}; give a text file, a folder, a .jsonl file or "
+                         f"'{DEFAULT_CORPUS}'")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data: no such file or folder: {path}")
     if path.is_dir():
-        first = next(iter(load_documents(path)), None)  # raises for a folder without text files
-        if first is None:
+        if not any([_check_file(f, in_folder=True) for f in _folder_files(path)]):
             raise ValueError(f"data: folder {path} has no text")
         return
+    _check_file(path)
+
+
+def _check_file(path: Path, in_folder: bool = False) -> bool:
+    """Whether the file ``path`` holds text; raises ValueError (``data: ...``) when it is unreadable, not UTF-8,
+    or (a single file, not one of a folder's) empty."""
     if not os.access(path, os.R_OK):
         raise ValueError(f"data: {path} is not readable")
     if path.suffix.lower() in JSONL_SUFFIXES:
         if next(iter(_jsonl_documents(path)), None) is None:
+            if in_folder:
+                return False
             raise ValueError(f"data: {path} has no JSON lines")
-        return
-    with path.open("rb") as handle:
-        head = handle.read(1 << 16)
+        return True
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError as exc:
+        raise ValueError(f"data: {path} is not readable ({exc.strerror or exc})") from None
     if not head.strip():
+        if in_folder:
+            return False
         raise ValueError(f"data: {path} is empty")
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as err:
         if err.start < len(head) - 4:  # not just a character cut at the end of the sample
             raise ValueError(f"data: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return True
+
+
+# ---------------------------------------------------------------------- enough text? (before a model loads)
+# A text of b UTF-8 bytes gives at most b + TOKEN_MARGIN tokens: byte-level BPE and byte-fallback SentencePiece
+# tokenizers spend at least one byte per token; the margin covers the special tokens a tokenizer adds and
+# SentencePiece's leading "▁".
+TOKEN_MARGIN = 4
+# Real text runs at 2-5 bytes per token: a text of this many bytes per token needed is taken as long enough
+# without tokenizing it; short of that, the tokenizer counts (``check_supply``).
+SURE_BYTES_PER_TOKEN = 8
+SEPARATOR = "\n\n"  # between documents joined into one text (``concatenated_tokens``)
+
+
+def document_sizes(path: str | Path | None = None) -> list[tuple[str, int]]:
+    """(name, UTF-8 bytes) of each document of ``load_documents(path)``, in its order, cheaply: sizes from the
+    file system, without reading the files (a JSON-lines file is read: each record's text is measured).
+
+    Raises FileNotFoundError / ValueError as ``load_documents`` would.
+    """
+    if path is None or str(path) == DEFAULT_CORPUS:
+        return [(f"stdlib/{rel}", -negative) for negative, rel, _ in _stdlib_files()]
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data: no such file or folder: {path}")
+    sizes: list[tuple[str, int]] = []
+    for f in _folder_files(path) if path.is_dir() else [path]:
+        if f.suffix.lower() in JSONL_SUFFIXES:
+            sizes.extend((doc.name, len(doc.text.encode("utf-8"))) for doc in _jsonl_documents(f))
+        else:
+            sizes.append((str(f), f.stat().st_size))
+    return sizes
+
+
+def check_supply(path: str | Path | None, length: int, *, count: int = 1, joined: bool = False,
+                 tokenizer: Callable[[], Any] | None = None, exact_length: Callable[[Any], int] | None = None) -> None:
+    """Refuse, before any model loads, a text that cannot give what a run needs: ``count`` documents of at least
+    ``length`` tokens each (the windows of ``token_windows``), or with ``joined``, ``length`` tokens of all the
+    documents joined (``concatenated_tokens``, a haystack).
+
+    The UTF-8 sizes settle it where they can: a document of b bytes has at most b + ``TOKEN_MARGIN`` tokens, and
+    one of ``SURE_BYTES_PER_TOKEN`` x length bytes is taken as long enough. In between, ``tokenizer()`` (called only
+    then; None, or returning None: not counted) counts the tokens, and ``exact_length(tokenizer)`` is the length
+    needed when it depends on the tokenizer (default: ``length``, which must then be a lower bound of it).
+
+    Raises ValueError (``data: ... N tokens needed, ...``) with the tokens needed and what the text has.
+    """
+    sizes = document_sizes(path)
+    if not sizes:
+        raise ValueError("data: no documents found")
+    if joined:
+        size = sum(b for _, b in sizes) + len(SEPARATOR.encode()) * (len(sizes) - 1)
+        if size + TOKEN_MARGIN < length:
+            raise ValueError(f"data: the text is too short: {length} tokens needed, all of it has at most "
+                             f"{size + TOKEN_MARGIN} ({len(sizes)} document{'s' * (len(sizes) > 1)}, {size} bytes); "
+                             f"give a longer text or a smaller length")
+        if size >= SURE_BYTES_PER_TOKEN * length:
+            return
+    else:
+        longest = max(sizes, key=lambda item: item[1])
+        possible = sum(1 for _, b in sizes if b + TOKEN_MARGIN >= length)
+        if possible < count:
+            if possible == 0:
+                raise ValueError(f"data: the text is too short: {length} tokens needed, the longest document has at "
+                                 f"most {longest[1] + TOKEN_MARGIN} ({longest[0]}: {longest[1]} bytes); give a longer "
+                                 f"text or a smaller length")
+            raise ValueError(f"data: {count} documents of {length} tokens needed, {possible} of the "
+                             f"{len(sizes)} may have that many; give more text, fewer windows or a smaller length")
+        if sum(1 for _, b in sizes if b >= SURE_BYTES_PER_TOKEN * length) >= count:
+            return
+    tok = tokenizer() if tokenizer is not None else None
+    if tok is None:
+        return
+    needed = exact_length(tok) if exact_length is not None else length
+    if joined:
+        try:
+            concatenated_tokens(load_documents(path), tok, needed)
+        except ValueError as exc:
+            raise ValueError(f"data:{str(exc).partition(':')[2]}; give a longer text or a smaller length") from None
+        return
+    found = len(token_windows(load_documents(path), tok, needed, count))  # raises when no document is long enough
+    if found < count:
+        raise ValueError(f"data: {count} documents of {needed} tokens needed, the text has {found}; give more text, "
+                         f"fewer windows or a smaller length")
 
 
 def _read_text(path: Path) -> str:

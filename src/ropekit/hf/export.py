@@ -128,6 +128,10 @@ def _per_type_config(d: dict[str, Any], current: LayeredRope, cfg: LayeredRope) 
         d["max_position_embeddings"] = max(int(hf["max_position_embeddings"]), int(d.get("max_position_embeddings") or 0))
     return d
 
+# The files every export writes: each must be free or an earlier export's before the model is saved (the commit
+# checks every other file it writes, before moving any).
+EXPORT_NAMES = ("config.json", "model.safetensors", "ropekit.json")
+
 
 def export_model(
     loaded_or_model: LoadedModel | nn.Module,
@@ -164,7 +168,10 @@ def export_model(
         raise ValueError(f"cfg: expected a RopeConfig or LayeredRope, got {type(cfg).__name__}")
     hf_config_for(model.config, cfg)  # fail before writing anything
     target_dtype = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
-    with OutputDir(out_dir, command="export", option="out_dir", overwrite=overwrite) as out:
+    source = getattr(loaded_or_model, "source", None) or getattr(model, "name_or_path", None)
+    source = source if source and Path(str(source)).expanduser().is_dir() else None
+    with OutputDir(out_dir, command="export", option="out_dir", overwrite=overwrite, names=EXPORT_NAMES,
+                   source=source) as out:
         tmp = out.root
         save_model = model
         if target_dtype is not None and next(model.parameters()).dtype != target_dtype:

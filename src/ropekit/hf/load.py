@@ -8,6 +8,7 @@ from the GGUF metadata for a ``.gguf``). GGUF weights are dequantized to ``dtype
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import logging
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ropekit.config import LayeredRope, RopeConfig, warn_once
+from ropekit.config import LayeredRope, RopeConfig, check_hf_config, warn_once
 from ropekit.hf.families import check_family, check_rope_matches
 
 DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -161,8 +162,9 @@ def _check_gguf_file(path: Path) -> None:
         raise ValueError(f"model: {path} is a GGUF file without general.architecture metadata")
 
 
-def _check_safetensors(path: Path) -> None:
-    """The safetensors header (8-byte length + JSON) parses and every tensor lies inside the file."""
+def _check_safetensors(path: Path) -> dict[str, Any]:
+    """The safetensors header (8-byte length + JSON) parses and every tensor lies inside the file; returns the
+    header ({tensor name: {"dtype", "shape", "data_offsets"}}, and "__metadata__")."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -180,6 +182,7 @@ def _check_safetensors(path: Path) -> None:
         raise ValueError(f"model: {path} is not a valid safetensors file ({_first_line(exc)})") from None
     if 8 + n + end > size:
         raise ValueError(f"model: {path} is truncated ({size} bytes, its header describes {8 + n + end})")
+    return header
 
 
 def _check_model_folder(folder: Path) -> None:
@@ -196,6 +199,11 @@ def _check_model_folder(folder: Path) -> None:
     if not isinstance(config, dict):
         raise ValueError(f"model: {config_path} is not a JSON object (a model's config.json)")
     check_family(config.get("model_type"))
+    try:
+        check_hf_config(config)
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: {exc}") from None
+    hf_config = _transformers_config(folder, config_path, config)
     index = next((folder / n for n in WEIGHT_INDEXES if (folder / n).is_file()), None)
     if index is not None:
         try:
@@ -211,12 +219,134 @@ def _check_model_folder(folder: Path) -> None:
         weights = sorted(p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file())
         if not weights:
             raise FileNotFoundError(f"no weights (*.safetensors / pytorch_model.bin) in {folder}")
-    for weight in weights:
-        if weight.suffix == ".safetensors":
-            _check_safetensors(weight)
+    headers = {weight: _check_safetensors(weight) for weight in weights if weight.suffix == ".safetensors"}
     if not (any((folder / n).is_file() for n in TOKENIZER_FILES)
             or any(p.is_file() for pattern in TOKENIZER_PATTERNS for p in folder.glob(pattern))):
         raise FileNotFoundError(f"no tokenizer ({' / '.join(TOKENIZER_FILES[:3])}) in {folder}")
+    _check_tokenizer_files(folder)
+    _check_weight_shapes(hf_config, headers, config_path)
+
+
+def _config_field(text: str, config: dict[str, Any]) -> str | None:
+    """The config key that ``text`` (an error message) names first, as ``hidden_size`` or "hidden size"."""
+    import re
+
+    found = []
+    for key in config:
+        if not isinstance(key, str) or not key:
+            continue
+        for form in {key, key.replace("_", " ")}:
+            match = re.search(rf"(?<![\w]){re.escape(form)}(?![\w])", text, flags=re.IGNORECASE)
+            if match:
+                found.append((match.start(), -len(key), key))
+    return min(found)[2] if found else None
+
+
+def _transformers_config(folder: Path, config_path: Path, config: dict[str, Any]) -> Any:
+    """transformers' own config object for ``folder`` (its validation run, no weights read), or ValueError naming
+    ``config_path`` and the field transformers rejects. None when transformers is not installed."""
+    import re
+
+    try:
+        from transformers import AutoConfig
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except OSError as exc:
+        raise ValueError(f"model: cannot read {config_path} ({exc.strerror or _first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - strict-dataclass errors, and what __post_init__ raises
+        text = str(exc).strip()
+        # huggingface_hub's strict dataclasses: "Validation error for field 'hidden_size':\n    TypeError: ..."
+        # or "Class validation error for validator 'validate_architecture':\n    ValueError: ...".
+        strict = re.match(r"(Class validation|Validation) error for (field|validator) '([^']+)':\s*(\w+): (.*)",
+                          text, flags=re.DOTALL)
+        cause = " ".join((strict.group(5) if strict else text).split()) or type(exc).__name__
+        if strict and strict.group(2) == "field":
+            field_name = strict.group(3)
+            cause = re.sub(rf"^Field '{re.escape(field_name)}'\s*", "", cause)
+        else:
+            field_name = _config_field(cause, config)
+        if len(cause) > 300:
+            cause = cause[:297] + "..."
+        rejected = f"rejected by transformers ({type(exc).__name__}: {cause})"
+        raise ValueError(f"{config_path}: {field_name}: {cause}" if field_name else
+                         f"{config_path}: {rejected}") from None
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """tokenizer.json parses as a tokenizer, tokenizer_config.json / special_tokens_map.json as JSON objects."""
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        try:
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:  # pragma: no cover - transformers' fast tokenizers need it
+                json.loads(path.read_text(encoding="utf-8"))
+            else:
+                Tokenizer.from_file(str(path))
+        except OSError as exc:
+            raise ValueError(f"model: cannot read {path} ({exc.strerror or _first_line(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
+            raise ValueError(f"{path}: not a valid tokenizer file ({_first_line(exc)})") from None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"model: cannot read {path} ({exc.strerror or _first_line(exc)})") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: not a JSON object")
+
+
+def _expected_shapes(hf_config: Any) -> tuple[dict[str, tuple[int, ...]], str] | None:
+    """({parameter name: shape}, base_model_prefix) of the model ``hf_config`` builds, on the meta device (no
+    memory, no weights read); None where the checkpoint's names need not be the model's (a quantized checkpoint,
+    a family transformers converts on load) or the model cannot be built this way."""
+    if hf_config is None or getattr(hf_config, "quantization_config", None):
+        return None
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), attn_implementation="eager")
+        if get_model_conversion_mapping(model, add_legacy=False):
+            return None
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    except Exception:  # noqa: BLE001 - the load itself reports what it cannot build
+        return None
+    return shapes, getattr(model, "base_model_prefix", "") or ""
+
+
+def _check_weight_shapes(hf_config: Any, headers: dict[Path, dict[str, Any]], config_path: Path) -> None:
+    """ValueError naming the weights file and its first tensor whose shape is not the one ``config.json`` gives
+    (weights of another model, a config.json edited after saving): what transformers' load would stop on."""
+    if not headers:
+        return
+    expected = _expected_shapes(hf_config)
+    if expected is None:
+        return
+    shapes, prefix = expected
+    for path, header in headers.items():
+        for name, info in header.items():
+            if name == "__metadata__" or not isinstance(info, dict):
+                continue
+            key = name if name in shapes else f"{prefix}.{name}" if prefix and f"{prefix}.{name}" in shapes else None
+            if key is None:
+                continue  # a key the model does not have: transformers ignores it (and says so)
+            try:
+                shape = tuple(int(n) for n in info.get("shape", ()))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {name}: shape {info.get('shape')!r} is not a list of sizes") from None
+            if shape != shapes[key]:
+                raise ValueError(f"{path}: {name}: shape {list(shape)} does not match {config_path}, which makes "
+                                 f"it {list(shapes[key])} (weights of another model, or a config.json changed after "
+                                 f"they were saved)")
 
 
 def check_model_source(source: str | Path | None, gguf_file: str | None = None) -> None:
@@ -226,9 +356,13 @@ def check_model_source(source: str | Path | None, gguf_file: str | None = None) 
 
     * ``None`` / ``"demo"``: the bundled GGUF is installed and readable.
     * a ``.gguf`` file (or ``gguf_file`` inside a folder): it exists, is readable and its header parses.
-    * a folder: ``config.json`` (valid JSON, a supported family), weights (``*.safetensors`` or
-      ``pytorch_model*.bin``; every shard an index lists), tokenizer files (tokenizer.json, tokenizer.model,
-      vocab.json, ...).
+    * a folder: ``config.json`` (valid JSON, a supported family, shape fields positive integers and RoPE
+      fields objects (``ropekit.config.check_hf_config``), accepted by transformers' own config validation),
+      weights (``*.safetensors`` or ``pytorch_model*.bin``; every shard an index lists; safetensors tensors of
+      the shapes the config gives, compared on a meta-device model where names map one to one), tokenizer files
+      (tokenizer.json, tokenizer.model, vocab.json, ...; a tokenizer.json that the tokenizers library reads).
+
+    Config and tokenizer errors start with the file (``MODEL/config.json: num_attention_heads: ...``).
     * a hub id (``name`` or ``org/name`` that is not a local path): nothing to check without the network.
 
     Raises:
@@ -323,7 +457,14 @@ def rope_from_source(source: str | Path | None) -> tuple[RopeConfig, str]:
     else:
         fallback = path.name
     name = config.get("_name_or_path") or fallback or str(source)
-    return RopeConfig.from_hf(config), f"{name} ({model_type})" if model_type else name
+    where = path / "config.json" if path.is_dir() else path if path.exists() else f"{source} (config.json)"
+    try:
+        rope = RopeConfig.from_hf(config)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    except (TypeError, ArithmeticError) as exc:  # a value of the wrong kind the field checks do not cover
+        raise ValueError(f"{where}: cannot read its RoPE ({type(exc).__name__}: {_first_line(exc)})") from None
+    return rope, f"{name} ({model_type})" if model_type else name
 
 
 class DropRecords(logging.Filter):
@@ -430,16 +571,34 @@ def load_model(
         ) from None
     family = check_family(config.get("model_type"))
 
-    quiet = dropping(GGUF_LOGGERS, GGUF_PHRASES) if is_gguf else contextlib.nullcontext()
+    def quiet() -> contextlib.AbstractContextManager:
+        return dropping(GGUF_LOGGERS, GGUF_PHRASES) if is_gguf else contextlib.nullcontext()
+
+    # The tokenizer first: it is quick, so a bad one is reported before the weights load.
     try:
-        with quiet:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+        with quiet():
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception as exc:
-        # What the file checks cannot see (a damaged .bin, a hub download failing): one line, not a traceback.
-        # Only errors about reading the files: OSError and the file-format errors of safetensors / pickle.
-        if not (isinstance(exc, OSError) or type(exc).__name__ in ("SafetensorError", "UnpicklingError")):
+        # tokenizers raises plain Exception on a damaged tokenizer.json; json a ValueError.
+        if not (isinstance(exc, (OSError, ValueError, TypeError, KeyError)) or type(exc) is Exception):
             raise
+        where = path / "tokenizer.json" if path.is_dir() and (path / "tokenizer.json").is_file() else label
+        raise ValueError(f"model: could not load the tokenizer of {label} ({where}: {_first_line(exc)})") from None
+    try:
+        with quiet():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    except Exception as exc:
+        # What the file checks cannot see (a damaged .bin, a hub download failing): one line, not a traceback.
+        # Only errors about reading the files: OSError and the file-format errors of safetensors / pickle, and
+        # weights whose shapes are not the config's (transformers' RuntimeError after its load report).
+        mismatch = isinstance(exc, RuntimeError) and ("size mismatch" in str(exc)
+                                                      or "ignore_mismatched_sizes" in str(exc))
+        if not (mismatch or isinstance(exc, OSError)
+                or type(exc).__name__ in ("SafetensorError", "UnpicklingError")):
+            raise
+        if mismatch:
+            raise ValueError(f"model: the weights of {label} do not match its config.json (tensor shapes differ; "
+                             f"weights of another model, or a config.json changed after they were saved)") from None
         raise ValueError(f"model: could not load {label} ({_first_line(exc)})") from None
     _quiet_length_warning(tokenizer)
     model.to(device=dev, dtype=torch_dtype)

@@ -49,6 +49,14 @@ class Frequencies:
     _inv_freq32: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The scale multiplies cos and sin: zero, negative or non-finite turns attention into noise, silently.
+        try:
+            good = not isinstance(self.attention_scale, bool) and 0 < float(self.attention_scale) < math.inf
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ValueError(f"attention_scale: must be a positive finite number (it multiplies cos and sin), "
+                             f"got {self.attention_scale!r}")
         object.__setattr__(self, "inv_freq64", self.inv_freq64.to(torch.float64))
         if self.rotary_dim == 0:
             object.__setattr__(self, "rotary_dim", 2 * self.inv_freq64.numel())
@@ -171,7 +179,10 @@ def check_int(name: str, value: Any, minimum: float) -> None:
 
 
 def check_number(name: str, value: Any) -> None:
-    """ValueError ``name: ...`` unless ``value`` is a finite int or float (not a bool)."""
+    """ValueError ``name: ...`` unless ``value`` is a finite int or float (not a bool).
+
+    The one finiteness rule: every float parameter of a method (``Param.check``), ``RopeConfig.extend``'s
+    arguments and every float option of the CLI (``ropekit.cli``, with the flag as ``name``) go through it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name}: must be a finite number, got {value!r}")
 

@@ -9,7 +9,9 @@ the pairs that turn beta_fast and beta_slow times (floor/ceil unless ``truncate`
 where m(s, a) = 0.1 a ln(s) + 1. The scale multiplies cos and sin, so logits scale by its square.
 """
 
-from ropekit.methods._common import yarn_attention_scale, yarn_inv_freq
+import math
+
+from ropekit.methods._common import yarn_attention_scale, yarn_inv_freq, yarn_mscale
 from ropekit.methods.registry import ATTENTION_FACTOR, FACTOR, ORIGINAL_MAX_POSITION, MethodSpec, Param, register
 
 BETA_FAST = Param("beta_fast", "float", "ramp starts at pairs turning this often in the trained length",
@@ -33,6 +35,26 @@ def check_betas(cfg) -> None:
         raise ValueError(f"beta_fast: must be > beta_slow ({cfg.beta_slow}), got {cfg.beta_fast}")
 
 
+def check_attention_scale(cfg, factor: float | None) -> None:
+    """DeepSeek's ratio m(s, mscale) / m(s, mscale_all_dim) at the factor ``factor`` must be a positive finite
+    number, as ``attention_factor`` must be: the two fields together give the scale that multiplies cos and sin.
+    (Only where the ratio is what the method uses: both set and non-zero, no explicit attention factor.)"""
+    if factor is None or cfg.attention_factor is not None or not (cfg.mscale and cfg.mscale_all_dim):
+        return
+    top, bottom = yarn_mscale(factor, cfg.mscale), yarn_mscale(factor, cfg.mscale_all_dim)
+    scale = top / bottom if bottom else math.inf
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"mscale, mscale_all_dim: give an attention scale of {top:.4g} / {bottom:.4g} = "
+                         f"{scale:.4g} at factor {factor:g} (each is 0.1 x value x ln(factor) + 1); it must be a "
+                         f"positive finite number, as an attention factor must")
+
+
+def check_yarn(cfg) -> None:
+    """YaRN's checks across fields: the ramp's bounds, the attention scale at the factor."""
+    check_betas(cfg)
+    check_attention_scale(cfg, cfg.factor)
+
+
 def compute(cfg, seq_len=None):
     return yarn_inv_freq(cfg, cfg.factor), yarn_attention_scale(cfg, cfg.factor)
 
@@ -46,7 +68,7 @@ SPEC = register(
         hf_type="yarn",
         hf_factor_from_lengths=True,
         gguf_type="yarn",
-        check=check_betas,
+        check=check_yarn,
         describe=lambda cfg: "NTK-by-parts ramp + temperature",
         summary="YaRN: NTK-by-parts ramp plus attention temperature",
     )

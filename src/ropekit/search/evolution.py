@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ropekit.output import write_file_atomic
+from ropekit.output import Manifest, write_own
 from ropekit.search.genome import FactorSpace
 
 STATE_VERSION = 1
@@ -131,12 +131,27 @@ class SearchState:
                    forwards=d["forwards"], stopped=d.get("stopped"),
                    reference_nll=d.get("reference_nll"), fingerprint=d.get("fingerprint", {}))
 
-    def save(self, path: Path) -> None:
-        write_file_atomic(path, json.dumps(self.to_dict()) + "\n")
+    def save(self, path: Path, command: str = "search") -> None:
+        """Write the state atomically and record it as ropekit's output of ``command`` in its folder."""
+        path = Path(path)
+        write_own(path.parent, path.name, json.dumps(self.to_dict()) + "\n", command)
 
     @classmethod
     def load(cls, path: Path) -> "SearchState":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The state saved at ``path``, which must be ropekit's own file (recorded in the folder's manifest, content
+        unchanged); ValueError naming the file otherwise, or when it is damaged."""
+        path = Path(path)
+        if not Manifest.load(path.parent).owns(path.parent, path.name):
+            raise ValueError(f"resume: {path} was not written by ropekit (or changed since); ropekit does not "
+                             f"read it back")
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as exc:
+            detail = str(exc).removeprefix("resume: ")
+            raise ValueError(f"resume: {path}: {detail}" if str(exc).startswith("resume:")
+                             else f"resume: {path} is damaged ({detail})") from None
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"resume: {path} is damaged ({type(exc).__name__}: {exc})") from None
 
 
 class Evolution:

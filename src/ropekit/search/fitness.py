@@ -127,11 +127,12 @@ class NeedleFitness:
         self.target_length = int(target_length)
         if self.target_length <= self.trained:
             raise ValueError(f"target_length: must be > the trained length {self.trained}, got {target_length}")
-        if tolerance < 0:
-            raise ValueError(f"tolerance: must be >= 0, got {tolerance}")
+        # NaN would switch a guard off (every comparison with it is false) and be saved in the search state.
+        for name, value in (("tolerance", tolerance), ("short_tolerance", short_tolerance),
+                            ("text_weight", text_weight), ("guard_weight", guard_weight)):
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
         self.tolerance = float(tolerance)
-        if short_tolerance < 0:
-            raise ValueError(f"short_tolerance: must be >= 0, got {short_tolerance}")
         self.short_guard = bool(short_guard)
         self.short_tolerance = float(short_tolerance)
         self.guard_weight = float(guard_weight)

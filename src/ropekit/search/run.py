@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 from ropekit.evaluation.data import Document
 from ropekit.hf.load import LoadedModel
-from ropekit.output import check_output_dir, claim, write_file_atomic
+from ropekit.output import check_output_dir, place_own, write_own
 from ropekit.search.evolution import Candidate, Evolution, SearchState, Settings
 from ropekit.search.fitness import NeedleFitness, longrope_config
 from ropekit.search.genome import (
@@ -79,10 +79,15 @@ def check_search_folder(out: str | Path, *, resume: bool, overwrite: bool, optio
     ``overwrite`` to start over); ``resume`` needs one."""
     from ropekit.output import OutputError
 
-    path = check_output_dir(out, option=option, overwrite=overwrite)
-    state = Path(path) / STATE_FILE
+    state = Path(out).expanduser() / STATE_FILE
     if resume and not state.is_file():
         raise OutputError(f"--resume: {out} holds no search to continue ({STATE_FILE} not found)")
+    if resume:
+        try:
+            SearchState.load(state)  # ropekit's own, readable: checked before any model loads
+        except ValueError as exc:
+            raise OutputError(f"--resume:{str(exc).partition(':')[2]}") from None
+    path = check_output_dir(out, option=option, overwrite=overwrite, names=OUTPUT_FILES)
     if state.is_file() and not resume and not overwrite:
         raise OutputError(f"{option}: {out} holds a search ({STATE_FILE}); pass --resume to continue it, "
                           f"--overwrite to start it over, or choose a new folder")
@@ -159,7 +164,6 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
     state = None
     state_path = None
     if out_path is not None:
-        claim(out_path, OUTPUT_FILES, COMMAND)
         state_path = out_path / STATE_FILE
         if resume:
             state = SearchState.load(state_path)
@@ -276,25 +280,27 @@ def search_factors(loaded: LoadedModel, options: SearchOptions, out: str | Path 
     if out_path is not None:
         from ropekit.search.plots import SEED_NAMES, plot_factors, plot_progress
 
-        write_file_atomic(out_path / FACTORS_FILE, json.dumps(factors, indent=2) + "\n")
-        write_file_atomic(out_path / LOG_FILE, json.dumps({
+        write_own(out_path, FACTORS_FILE, json.dumps(factors, indent=2) + "\n", COMMAND)
+        write_own(out_path, LOG_FILE, json.dumps({
             "candidates": [c.to_dict() for c in candidates], "history": state.history,
             "stopped": state.stopped, "forwards": state.forwards + 1, "short_forwards": fitness.short_forwards,
             "attention": attention_record, "fitness": fitness.describe(),
-            "needles": fitness.needle_records}, indent=1) + "\n")
+            "needles": fitness.needle_records}, indent=1) + "\n", COMMAND)
         label = f"{model_name or loaded.source}: {trained} -> {n}"
         if state.history:
             labels = {}
             if not options.search_attention and abs(attention - yarn_attention) > 1e-9:
                 # The YaRN seed is YaRN's factors under this search's attention factor, not YaRN itself.
                 labels["yarn"] = f"YaRN's factors at attention {attention:.3f} (YaRN: {yarn_attention:.3f})"
-            plot_progress(state.history, seed_scores, out_path / PROGRESS_PLOT, title=f"Search progress, {label}",
-                          seed_labels=labels)
+            place_own(out_path, PROGRESS_PLOT,
+                      lambda path: plot_progress(state.history, seed_scores, path, title=f"Search progress, {label}",
+                                                 seed_labels=labels), COMMAND)
         found = "searched (long_factor)" if not best.origin.startswith("seed:") else \
             f"best = the {SEED_NAMES.get(best.origin.split(':', 1)[1], 'own')} seed (no candidate beat it)"
         found += f", attention factor {best_attention:.4f}" + (" (searched)" if options.search_attention else "")
-        plot_factors(long_factor, seed_factor_parts, out_path / FACTORS_PLOT, first_gene=factor_space.first_gene,
-                     title=f"Searched factors vs PI/NTK/YaRN, {label}", label=found)
+        place_own(out_path, FACTORS_PLOT,
+                  lambda path: plot_factors(long_factor, seed_factor_parts, path, first_gene=factor_space.first_gene,
+                                            title=f"Searched factors vs PI/NTK/YaRN, {label}", label=found), COMMAND)
     return SearchResult(best, factors, out_path, state.stopped, state.forwards + 1, seconds)
 
 

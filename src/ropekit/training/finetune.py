@@ -26,8 +26,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +39,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ropekit.output import (
+    MANIFEST,
+    STAGING_PREFIX,
+    make_dirs,
+    owned_files,
+    place_own,
+    record,
+    remove_own,
+    write_own,
+)
 from ropekit.training.data import (
     IGNORE_INDEX,
     PackedRows,
@@ -61,6 +73,11 @@ from ropekit.training.distributed import (
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_FILE = "run.json"
+EXPORT_DIR = "model"
+TRAINING_LOG = "training.json"
+TRAINING_PLOT = "training_curve.png"
+# What `ropekit finetune --out` writes: each must be free or ropekit's own before the run starts.
+OUTPUT_NAMES = (f"{CHECKPOINT_DIR}/", f"{EXPORT_DIR}/", TRAINING_LOG, TRAINING_PLOT)
 STATE_FILE = "state.pt"
 # Settings that do not change the numbers a run produces, so a resumed run may change them.
 # Learning rate after warm-up: constant (the papers' fine-tuning) or cosine down to 10% (pretraining).
@@ -243,7 +260,10 @@ def batch_indices(step: int, n_rows: int, global_batch: int, seed: int) -> torch
 
 # ---------------------------------------------------------------------- checkpoints
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Plain types only, so a checkpoint loads with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -251,18 +271,24 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Finished checkpoints under ``out_dir``/checkpoints, oldest first."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file())
+    """Finished checkpoints under ``out_dir``/checkpoints, oldest first: only those whose files ropekit wrote
+    and recorded (``ropekit.output``), so a folder someone planted there is never read or removed."""
+    owned = owned_files(out_dir, CHECKPOINT_DIR)
+    steps = {rel.split("/")[1] for rel in owned if rel.count("/") == 2 and rel.split("/")[1].startswith("step-")}
+    return sorted(Path(out_dir) / CHECKPOINT_DIR / name for name in steps
+                  if {f"{CHECKPOINT_DIR}/{name}/{STATE_FILE}", f"{CHECKPOINT_DIR}/{name}/{RUN_FILE}"} <= set(owned))
+
+
+def _checkpoint_files(out_dir: str | Path, checkpoint: Path) -> list[str]:
+    return owned_files(out_dir, f"{CHECKPOINT_DIR}/{checkpoint.name}")
 
 
 def _model_state(model: torch.nn.Module, strategy_sharded: bool, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -296,10 +322,15 @@ def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer,
     optim_sd = _optimizer_state(model, optimizer, sharded)
     root = Path(out_dir) / CHECKPOINT_DIR
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
+    # Written in a staging folder of this process's own (skipped by the output checks, never another run's),
+    # renamed into place when complete, then recorded file by file.
+    names = [None]
     if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        make_dirs(root)
+        names[0] = tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{os.getpid()}-step-{step:06d}-")
+    if ctx.distributed:
+        torch.distributed.broadcast_object_list(names, src=0)
+    tmp = Path(names[0])
     ctx.barrier()
     torch.save(_rng_state(), tmp / f"rng-rank{ctx.rank}.pt")
     if ctx.is_main:
@@ -308,10 +339,18 @@ def save_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, optimizer,
         (tmp / RUN_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
     ctx.barrier()
     if ctx.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        try:
+            if os.path.lexists(final):
+                remove_own(out_dir, _checkpoint_files(out_dir, final))
+                if os.path.lexists(final):
+                    raise ValueError(f"out: {final} holds files ropekit did not write; it is kept, and this "
+                                     f"checkpoint was not saved")
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # this process's own staging folder, if the rename did not happen
+        record(out_dir, [f"{CHECKPOINT_DIR}/{final.name}/{f.name}" for f in sorted(final.iterdir())], "finetune")
         for old in list_checkpoints(out_dir)[:-settings.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_own(out_dir, _checkpoint_files(out_dir, old))
     ctx.barrier()
     return final
 
@@ -322,7 +361,12 @@ def check_resumable(out_dir: str | Path, fingerprint: dict[str, Any]) -> Path:
     if not found:
         raise ValueError(f"resume: no checkpoint under {Path(out_dir) / CHECKPOINT_DIR}")
     latest = found[-1]
-    saved = json.loads((latest / RUN_FILE).read_text())
+    try:
+        saved = json.loads((latest / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"resume: {latest / RUN_FILE} cannot be read ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"resume: {latest / RUN_FILE} is damaged (not a JSON object)")
     diffs = fingerprint_differences(saved, json.loads(json.dumps(fingerprint)))
     if diffs:
         raise ValueError(f"resume: {latest} was made by a different run configuration: " + "; ".join(diffs))
@@ -332,7 +376,7 @@ def check_resumable(out_dir: str | Path, fingerprint: dict[str, Any]) -> Path:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, ctx: DistContext,
                     settings: FinetuneSettings) -> tuple[int, list]:
     """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns (step, history)."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     sharded = ctx.distributed and settings.strategy == "fsdp"
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -346,7 +390,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, ct
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng-rank{ctx.rank}.pt"
-    _set_rng_state(torch.load(rng, weights_only=False))
+    _set_rng_state(torch.load(rng, weights_only=True))
     return int(state["step"]), list(state["history"])
 
 
@@ -821,8 +865,10 @@ def _finetune_in_group(ctx: DistContext, source: str, *, rope, data, out_dir, se
     model = merge_lora(model)
     patch.remove()  # evaluation applies the RoPE itself; export needs the plain model
     if ctx.is_main and export:  # before evaluation, so a failing evaluation cannot lose the trained weights
-        export_dir = out_dir / "model"
+        export_dir = out_dir / EXPORT_DIR
         export_model(model, cfg, export_dir, tokenizer=loaded.tokenizer, overwrite=True)
+        record(out_dir, [f"{EXPORT_DIR}/{rel}" for rel in owned_files(export_dir)] + [f"{EXPORT_DIR}/{MANIFEST}"],
+               "finetune")
         summary["exported"] = str(export_dir)
     if ctx.is_main and evaluate:
         try:
@@ -831,8 +877,9 @@ def _finetune_in_group(ctx: DistContext, source: str, *, rope, data, out_dir, se
         except ValueError as exc:  # e.g. no evaluation document long enough: say so, keep the run's outputs
             summary["evaluation_error"] = str(exc)
     if ctx.is_main:
-        (out_dir / "training.json").write_text(json.dumps(summary, indent=2, default=str))
-        plot_training_curves({f"{cfg.method}": result.history}, out_dir / "training_curve.png")
+        write_own(out_dir, TRAINING_LOG, json.dumps(summary, indent=2, default=str), "finetune")
+        place_own(out_dir, TRAINING_PLOT, lambda path: plot_training_curves({f"{cfg.method}": result.history}, path),
+                  "finetune")
     ctx.barrier()
     return summary
 

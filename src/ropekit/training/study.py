@@ -85,6 +85,10 @@ class StudySizes:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+        for name in ("pretrain_lr", "finetune_lr"):  # checked here, not when the training of that phase starts
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
             raise ValueError(f"hidden: must split into {self.heads} heads of an even size, got {self.hidden}")
         if self.heads % self.kv_heads:
