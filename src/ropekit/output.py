@@ -134,27 +134,27 @@ class Manifest:
         if st is None:
             return cls({})
         if not stat.S_ISREG(st.st_mode):
-            return cls({}, f"{MANIFEST} is not a regular file", replaceable=False)
+            return cls({}, "it is not a regular file", replaceable=False)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            return cls({}, f"{MANIFEST} cannot be read ({type(exc).__name__})", replaceable=False)
+            return cls({}, f"it cannot be read ({type(exc).__name__})", replaceable=False)
         if not isinstance(data, dict) or not str(data.get("written_by", "")).startswith("ropekit"):
-            return cls({}, f"{MANIFEST} was not written by ropekit", replaceable=False)
+            return cls({}, "it was not written by ropekit", replaceable=False)
         if data.get("version") != MANIFEST_VERSION:
-            return cls({}, f"{MANIFEST} is from an older ropekit (no checksums)")
+            return cls({}, "it is from an older ropekit, without checksums")
         raw = data.get("entries")
         if not isinstance(raw, dict):
-            return cls({}, f"{MANIFEST} has no entries table")
+            return cls({}, "it has no entries table")
         entries: dict[str, Entry] = {}
         for key, value in raw.items():
             rel = plain_relative(key)
             if rel is None or rel != key or rel.split("/")[0].startswith(STAGING_PREFIX):
-                return cls({}, f"{MANIFEST} names {key!r}, not a plain path inside the folder")
+                return cls({}, f"it names {key!r}, not a plain path inside the folder")
             if not (isinstance(value, dict) and isinstance(value.get("command"), str)
                     and type(value.get("size")) is int and value["size"] >= 0
                     and isinstance(value.get("sha256"), str) and len(value["sha256"]) == 64):
-                return cls({}, f"{MANIFEST}: the entry {key!r} is malformed")
+                return cls({}, f"its entry {key!r} is malformed")
             entries[rel] = Entry(value["command"], value["size"], value["sha256"].lower())
         return cls(entries)
 
@@ -176,7 +176,7 @@ class Manifest:
 
     def save(self, folder: Path, option: str = "--out") -> None:
         if not self.replaceable:
-            raise OutputError(f"{option}: {folder / MANIFEST} is not ropekit's ({self.problem}); ropekit will not "
+            raise OutputError(f"{option}: {folder / MANIFEST} is not ropekit's record ({self.problem}); ropekit will not "
                               f"replace it: move it away or choose another folder")
         from ropekit import __version__
 
@@ -336,7 +336,7 @@ def check_output_dir(path: str | Path, *, option: str = "--out", overwrite: bool
     if not overwrite:
         foreign = [r for _, r in zip(range(FOREIGN_SHOWN + 1), iter_foreign(p, manifest))]
         if foreign:
-            why = f"; its {MANIFEST} was ignored: {manifest.problem.split(': ', 1)[-1]}" if manifest.problem else ""
+            why = f"; its {MANIFEST} was ignored ({manifest.problem})" if manifest.problem else ""
             raise OutputError(f"{option}: {shown} is not empty and holds files ropekit did not write "
                               f"({_listed(foreign[:FOREIGN_SHOWN], len(foreign) > FOREIGN_SHOWN)}){why}; choose "
                               f"a new folder, or pass {_overwrite_hint(option)} to write ropekit's files into it "
