@@ -1,6 +1,6 @@
 """Write docs/families.md: every causal-LM family of the installed transformers with a rotary module, and whether
 ropekit patches it (checked on a tiny model, ``ropekit.hf.reference.survey_family``, the function
-tests/test_every_family.py runs) or refuses it and why.
+tests/test_hf_every_family_patched_or_refused.py runs) or refuses it and why.
 
     python scripts/family_table.py [--out docs/families.md] [FAMILY ...]
 """

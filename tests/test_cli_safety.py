@@ -73,9 +73,9 @@ def _commands_into(tiny, text, folder):
                                      "inspect", "study"])
 def test_a_folder_with_user_files_is_refused_before_work(command, tiny_folder, text_file, user_dir, no_loading,
                                                          monkeypatch):
-    import ropekit.training.study
+    import ropekit.study
 
-    monkeypatch.setattr(ropekit.training.study, "run_study", lambda *a, **k: pytest.fail("study ran"))
+    monkeypatch.setattr(ropekit.study, "run_study", lambda *a, **k: pytest.fail("study ran"))
     args = _commands_into(tiny_folder, text_file, user_dir)[command]
     line = one_error_line(invoke(*args), "--out")
     assert "thesis.txt" in line and "--overwrite" in line
@@ -216,9 +216,9 @@ BAD_INPUT = [
 def test_bad_input_is_one_line_before_any_load(args, option, tiny_folder, text_file, tmp_path, no_loading,
                                                monkeypatch):
     import ropekit.kernels.bench
-    import ropekit.training.study
+    import ropekit.study
 
-    monkeypatch.setattr(ropekit.training.study, "run_study", lambda *a, **k: pytest.fail("study ran"))
+    monkeypatch.setattr(ropekit.study, "run_study", lambda *a, **k: pytest.fail("study ran"))
     monkeypatch.setattr(ropekit.kernels.bench, "run", lambda *a, **k: pytest.fail("bench ran"))
     (tmp_path / "empty").mkdir()
     values = {"tiny": tiny_folder, "text": text_file, "missing": tmp_path / "missing.txt",

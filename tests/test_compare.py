@@ -68,7 +68,7 @@ TRAINED, TARGET = 8192, 16384
 
 def synthetic(label, nll, hits, method=None, factor=2.0, exportable=True, queries=32):
     """A MethodOutcome measured on synthetic per-token NLL (1, TARGET - 1) and ``hits`` of ``queries`` needles."""
-    from ropekit.evaluation.compare import _bucket_ppl, _masked_ppl
+    from ropekit.evaluation.compare.measure import _bucket_ppl, _masked_ppl
     from ropekit.evaluation.stats import perplexity_interval
 
     mask = torch.ones_like(nll, dtype=torch.bool)

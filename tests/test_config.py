@@ -358,7 +358,7 @@ def test_extend_agrees_with_with_method_where_both_apply():
 
 
 def test_layered_rope_reads_gemma3s_older_config_per_layer_type():
-    from ropekit.config import LayeredRope
+    from ropekit.layered import LayeredRope
 
     g3 = {"model_type": "gemma3_text", "head_dim": 128, "hidden_size": 5376, "num_attention_heads": 32,
           "num_hidden_layers": 12, "max_position_embeddings": 131072, "rope_local_base_freq": 10000.0,
@@ -384,7 +384,7 @@ def test_layered_rope_reads_gemma3s_older_config_per_layer_type():
 
 
 def test_layered_rope_nope_layers_and_text_config():
-    from ropekit.config import LayeredRope
+    from ropekit.layered import LayeredRope
 
     smol = {"model_type": "smollm3", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 8,
             "rope_theta": 5e6, "max_position_embeddings": 4096, "no_rope_layer_interval": 4}
@@ -408,7 +408,7 @@ def test_llama4_llama3_scaling_with_no_blend_band():
 
 
 def test_proportional_rope_and_mrope_read():
-    from ropekit.config import hf_mrope_section
+    from ropekit.hf.config_map import hf_mrope_section
     from ropekit.methods import frequencies
 
     g4 = {"model_type": "gemma4_text", "head_dim": 256, "hidden_size": 1024, "num_attention_heads": 4,

@@ -229,7 +229,7 @@ def test_gradcheck_float64_reference(cfg_name):
 @pytest.mark.parametrize("context", list(CONTEXTS))
 @pytest.mark.parametrize("cfg_name,heads_first", [("plain-neox", True), ("partial-gptj-yarn", False),
                                                   ("dynamic-partial", True)])
-def test_triton_in_context(triton_interpreted, context, cfg_name, heads_first):
+def test_triton_matches_the_reference_in_every_context(triton_interpreted, context, cfg_name, heads_first):
     size = (1, 2, 1, 5)
     q, k, pos = _inputs(size, heads_first)
     expected = _run_everything(cfg_name, size, heads_first, "reference", q, k, pos)

@@ -302,7 +302,7 @@ def test_per_layer_type_rope_exports_per_type_and_transformers_reads_it_back():
     the export writes rope_parameters per type, and transformers' model built from it gives the patched logits."""
     from transformers import AutoModelForCausalLM
 
-    from ropekit.config import LayeredRope
+    from ropekit.layered import LayeredRope
     from ropekit.hf.reference import _tiny_model, tiny_family_config
 
     config, _ = tiny_family_config("gemma3_text")

@@ -129,7 +129,7 @@ def _tiny(model_type):
 
 
 def test_layout_comes_from_the_modeling_code_not_a_list():
-    from ropekit.config import hf_layout
+    from ropekit.hf.config_map import hf_layout
 
     # rotate_half over (2i, 2i+1) in Cohere's and GLM's modeling code; halves in Llama's.
     assert hf_layout({"model_type": "cohere"}) == hf_layout({"model_type": "glm4"}) == "gptj"
@@ -141,7 +141,7 @@ def test_layout_comes_from_the_modeling_code_not_a_list():
 def test_each_routed_function_is_probed_for_its_own_pairing():
     """DeepSeek-V3.2 rotates its indexer's q, k rotate-half and its attention's interleaved: each function the
     attention calls is matched against ropekit by calling it, and the patch rotates each its own way."""
-    from ropekit.config import LayeredRope
+    from ropekit.layered import LayeredRope
     from ropekit.hf.families import locate, probe_functions, probe_tables
 
     model = _tiny("deepseek_v32")
@@ -168,7 +168,7 @@ def test_a_model_whose_rotary_module_disagrees_with_the_config_reading_is_refuse
 
 
 def test_per_layer_type_model_needs_a_layered_rope():
-    from ropekit.config import LayeredRope
+    from ropekit.layered import LayeredRope
 
     model = _tiny("gemma3_text")
     with pytest.raises(ValueError, match="one RoPE per layer type"):
@@ -182,7 +182,7 @@ def test_per_layer_type_model_needs_a_layered_rope():
 
 def test_nope_layers_are_left_alone():
     """SmolLM3: the layers without RoPE do not rotate, patched or not; the others rotate through ropekit."""
-    from ropekit.config import LayeredRope
+    from ropekit.layered import LayeredRope
 
     model = _tiny("smollm3")
     layered = LayeredRope.from_hf(model.config)

@@ -30,7 +30,7 @@ def test_load_model_from_a_local_folder(tmp_path):
     assert next(loaded16.model.parameters()).dtype == torch.bfloat16
 
 
-def test_load_model_errors(tmp_path):
+def test_load_model_refuses_missing_paths_no_rope_families_bad_devices_and_dtypes(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         load_model(missing)
@@ -169,7 +169,7 @@ def test_unreadable_and_corrupt_gguf_files_are_one_line(tmp_path, no_loading):
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_gguf_file(tmp_path):
+def test_check_model_source_says_an_unreadable_gguf_cannot_be_read(tmp_path):
     locked = tmp_path / "locked.gguf"
     locked.write_bytes(b"GGUF" + bytes(100))
     locked.chmod(0)

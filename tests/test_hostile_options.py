@@ -307,9 +307,9 @@ def test_a_missing_factors_file_names_the_flag(command, tiny_folder, text_file, 
 
 
 def test_study_learning_rates_name_the_flag_before_training(monkeypatch, tmp_path):
-    import ropekit.training.study
+    import ropekit.study
 
-    monkeypatch.setattr(ropekit.training.study, "run_study", lambda *a, **k: pytest.fail("study ran"))
+    monkeypatch.setattr(ropekit.study, "run_study", lambda *a, **k: pytest.fail("study ran"))
     for flag in ("--pretrain-lr", "--finetune-lr"):
         one_error_line(invoke("study", "--quick", "--out", tmp_path / "st", flag, -1), flag)
 

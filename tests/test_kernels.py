@@ -255,6 +255,71 @@ def test_table_cache_keys_on_positions_and_notices_in_place_edits():
     assert cpu.tables(f, 5, p5, 1.0, False)[0] is cpu.tables(f, 5, p5.clone(), 1.0, False)[0]
 
 
+def test_table_cache_is_owned_by_the_module_and_a_plain_call_by_its_frequencies():
+    """A RotaryEmbedding keeps its tables in its own cache (a copy starts empty); a plain call's tables live
+    as long as the frequencies tensor, held weakly, so no id of a freed tensor can serve another."""
+    import copy
+    import gc
+
+    cpu.clear_cache()
+    rope = RotaryEmbedding(RopeConfig(head_dim=64), backend="cpu")
+    q = torch.randn(1, 2, 16, 64)
+    out = rope(q, None)[0]
+    assert len(rope.table_cache) == 2  # the tables and their pair form
+    clone = copy.deepcopy(rope)
+    assert len(clone.table_cache) == 0 and torch.equal(clone(q, None)[0], out)
+    f = ropekit.frequencies(RopeConfig(head_dim=64, method="linear", factor=2.0))
+    owners = len(cpu._owned)
+    ropekit.apply_rotary(q, None, f, backend="cpu")
+    assert len(cpu._owned) == owners + 1 and len(cpu.cache_for(f.inv_freq64)) == 2
+    del f
+    gc.collect()
+    assert len(cpu._owned) == owners
+
+
+def test_table_cache_serves_threads_sharing_one_owner():
+    import threading
+
+    cache = cpu.TableCache(entries=2)
+    f = ropekit.frequencies(RopeConfig(head_dim=32))
+    positions = [torch.arange(n)[None] + n for n in range(1, 7)]
+    expected = [ropekit.cos_sin(f, p) for p in positions]
+    errors = []
+
+    def work(offset):
+        try:
+            for i in range(60):
+                j = (i + offset) % len(positions)
+                cos, sin = cache.tables(f, positions[j], 1.0, False)
+                assert torch.equal(cos, expected[j][0]) and torch.equal(sin, expected[j][1])
+                cache.pair_tables(cos, sin, False, True)
+        except Exception as err:  # reported in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(cache) <= 4
+
+
+def test_triton_turns_are_cached_per_frequencies_tensor_and_go_with_it():
+    import gc
+
+    from ropekit.kernels import dispatch
+
+    f = ropekit.frequencies(RopeConfig(head_dim=64))
+    turns = dispatch._turns(f.inv_freq64, torch.device("cpu"))
+    assert dispatch._turns(f.inv_freq64, torch.device("cpu")) is turns
+    assert dispatch._turns(f.inv_freq64.clone(), torch.device("cpu")) is not turns  # another tensor: its own
+    before = len(dispatch._turns_cache)
+    del f
+    gc.collect()
+    assert len(dispatch._turns_cache) < before
+
+
 def test_table_cache_tells_packed_positions_from_a_plain_range():
     """The same tensor sizes with cu_seqlens (positions restart per document) after a call with 0..N-1:
     the cached cos/sin of the plain range must not be reused."""

@@ -1,15 +1,21 @@
-"""The package's imports go one way: no cycles, no library module importing the CLI, layers in order.
+"""The package's imports go one way: no cycles, no library module importing the CLI, layers in order; and
+no source file grows past 500 lines without saying why.
 
-Read from the source with ``ast`` (nothing is imported). Every ``import`` counts, also inside functions (a
-function-level import is still a dependency), except under ``if TYPE_CHECKING:`` (type hints only). A package
-``__init__`` is a module of its own (``ropekit.kernels``); importing ``a.b.c`` depends on ``a.b.c`` only.
+Read from the source with ``ast`` (nothing is imported); the module list is the real package (every ``.py``
+under src/ropekit), and LAYERS may name only modules that exist. Every ``import`` counts, also inside
+functions (a function-level import is still a dependency). Imports under ``if TYPE_CHECKING:`` (type hints
+only) are kept apart: they count for cycles (a circle through type hints is still a circle: the modules
+cannot be understood, split or moved one without the other) but not for layers (a type hint may name a
+class from a layer above). A package ``__init__`` is a module of its own (``ropekit.kernels``); importing
+``a.b.c`` depends on ``a.b.c`` only.
 
-Layers, lowest first; a module may import its own layer and those below it, never one above:
+Layers, lowest first; a module may import its own layer and those below it, never one above (LAYERS below
+is the authority):
 
-    config, methods  <  rotation (float64 reference)  <  kernels (cpu, triton_rope, ops)
-    <  dispatch (kernels.dispatch and the kernels package that re-exports it)  <  module (RotaryEmbedding)
-    and the ropekit package  <  models / hf / io / output  <  evaluation / training / analysis / kernels.bench
-    <  commands / cli
+    core (config, methods, gguf, warn)  <  reference (rotation, float64)  <  kernels (cpu, triton_rope, ops)
+    <  dispatch (kernels.dispatch and the kernels package that re-exports it)  <  module (RotaryEmbedding,
+    multimodal, and the ropekit package)  <  integration (hf, output)  <  applications (evaluation,
+    training, search, analysis, kernels.bench)  <  cli (commands, cli)
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ PACKAGE = "ropekit"
 # (layer name, module names). A name covers the module and everything under it; "=name" covers that module
 # only (a package __init__ whose submodules sit on other layers). The longest match decides.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("ropekit.config", "ropekit.methods", "ropekit.gguf", "ropekit.warn")),
+    # hf.config_map / hf.config_probe: the transformers config translation RopeConfig.from_hf calls (no
+    # ropekit.hf integration module imported), so on the core's layer although they live under hf/.
+    ("core", ("ropekit.config", "ropekit.layered", "ropekit.methods", "ropekit.gguf", "ropekit.warn",
+              "ropekit.hf.config_map", "ropekit.hf.config_probe")),
     ("reference", ("ropekit.rotation",)),
     ("kernels", ("ropekit.kernels.cpu", "ropekit.kernels.triton_rope", "ropekit.kernels.ops")),
     ("dispatch", ("ropekit.kernels.dispatch", "=ropekit.kernels")),
     ("module", ("ropekit.module", "ropekit.multimodal", "=ropekit")),
-    ("integration", ("ropekit.hf", "ropekit.output")),
-    ("applications", ("ropekit.evaluation", "ropekit.training", "ropekit.search",
+    ("integration", ("ropekit.hf", "ropekit.output", "ropekit.shipped")),
+    ("applications", ("ropekit.evaluation", "ropekit.training", "ropekit.study", "ropekit.search",
                       "ropekit.analysis", "ropekit.kernels.bench")),
     ("cli", ("ropekit.cli", "ropekit.commands")),
 ]
@@ -54,10 +63,12 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package modules ``name`` (at ``path``) imports, TYPE_CHECKING blocks left out."""
+def _imported(name: str, path: Path, modules: dict[str, Path], type_only: bool = False) -> set[str]:
+    """The package modules ``name`` (at ``path``) imports at run time (TYPE_CHECKING blocks left out), or with
+    ``type_only`` those it imports under ``if TYPE_CHECKING:`` only."""
     is_package = path.name == "__init__.py"
     found: set[str] = set()
+    typed: set[str] = set()
 
     def resolve(target: str) -> str | None:
         # The module itself, else its closest enclosing package that exists (``ropekit.kernels.x.y`` -> ...).
@@ -65,10 +76,12 @@ def _imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             target = target.rpartition(".")[0]
         return target or None
 
-    def visit(node: ast.AST) -> None:
+    def visit(node: ast.AST, found: set[str] = found) -> None:
         if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, typed)
             for child in node.orelse:
-                visit(child)
+                visit(child, found)
             return
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -86,17 +99,31 @@ def _imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                     sub = f"{source}.{alias.name}"
                     found.add(sub if sub in modules else resolve(source))
         for child in ast.iter_child_nodes(node):
-            visit(child)
+            visit(child, found)
 
     visit(ast.parse(path.read_text(), filename=str(path)))
-    found.discard(None)
-    found.discard(name)
-    return found
+    result = (typed - found) if type_only else found
+    result.discard(None)
+    result.discard(name)
+    return result
 
 
 def _graph() -> dict[str, set[str]]:
+    """Run-time imports: what the layer checks read."""
     modules = _modules()
     return {name: _imported(name, path, modules) for name, path in modules.items()}
+
+
+def _type_only_graph() -> dict[str, set[str]]:
+    """Imports under ``if TYPE_CHECKING:`` only (not also made at run time)."""
+    modules = _modules()
+    return {name: _imported(name, path, modules, type_only=True) for name, path in modules.items()}
+
+
+def _full_graph() -> dict[str, set[str]]:
+    """Every import, type-only ones included: what the cycle check reads."""
+    graph, typed = _graph(), _type_only_graph()
+    return {name: graph[name] | typed[name] for name in graph}
 
 
 def _layer(name: str) -> int | None:
@@ -161,13 +188,20 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def test_the_scanner_sees_the_imports_it_must():
+def test_the_scanner_sees_the_imports_it_must(tmp_path):
     """The checks below are only as good as the graph: known edges must be in it, type-hint imports not."""
     graph = _graph()
     assert "ropekit.methods" in graph["ropekit.config"]
     assert "ropekit.methods.registry" in graph["ropekit.methods.yarn"]
     assert "ropekit.rotation" in graph["ropekit.kernels.cpu"]
-    assert "ropekit.config" not in graph["ropekit.methods.registry"]  # under TYPE_CHECKING only
+    assert "ropekit.rotation" not in _type_only_graph()["ropekit.kernels.cpu"]  # a run-time import
+    # Under TYPE_CHECKING only: out of the run-time graph, in the type-only one (the cycle check counts it).
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nfrom ropekit import rotation\nif TYPE_CHECKING:\n"
+                      "    from ropekit.config import RopeConfig\n    from ropekit import rotation\n")
+    known = {"ropekit.config": source, "ropekit.rotation": source, "ropekit.m": source}
+    assert _imported("ropekit.m", source, known) == {"ropekit.rotation"}
+    assert _imported("ropekit.m", source, known, type_only=True) == {"ropekit.config"}
     # A function-level import counts: commands.common imports ropekit.hf inside functions only.
     assert "ropekit.hf" in graph["ropekit.commands.common"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
@@ -178,6 +212,21 @@ def test_the_scanner_sees_the_imports_it_must():
 def test_no_import_cycles():
     cycles = _cycles(_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_import_cycles_counting_type_only_imports():
+    """A circle closed by an ``if TYPE_CHECKING:`` import is still a circle (the modules cannot be split or
+    moved one without the other); the run-time cycles are reported by the test above."""
+    typed = _type_only_graph()
+    cycles = _cycles(_full_graph())
+    assert not cycles, "import cycles (type-only edges marked 'type:'):\n" + "\n".join(
+        " -> ".join([c[0]] + [f"type:{b}" if b in typed[a] else b for a, b in zip(c, c[1:])]) for c in cycles)
+
+
+def test_layers_name_only_modules_that_exist():
+    modules = _modules()
+    stale = sorted(name for _, names in LAYERS for name in names if name.lstrip("=") not in modules)
+    assert not stale, f"LAYERS names modules that do not exist (remove or rename them): {stale}"
 
 
 def test_the_library_never_imports_the_cli():
@@ -208,3 +257,31 @@ def test_layers_import_only_downwards():
 def test_the_reference_and_core_import_no_kernels(module):
     deps = _graph()[module]
     assert not any(d.startswith("ropekit.kernels") for d in deps), deps
+
+
+MAX_LINES = 500
+LONG_FILE_REASON = "Over 500 lines because"
+
+
+def _too_long() -> dict[str, int]:
+    """Modules over MAX_LINES lines whose docstring does not say why (a line "Over 500 lines because ...")."""
+    found = {}
+    for name, path in _modules().items():
+        text = path.read_text()
+        lines = len(text.splitlines())
+        if lines > MAX_LINES and LONG_FILE_REASON not in (ast.get_docstring(ast.parse(text)) or ""):
+            found[name] = lines
+    return found
+
+
+def test_the_size_check_reads_the_docstring(tmp_path):
+    long = "x = 1\n" * (MAX_LINES + 1)
+    assert LONG_FILE_REASON not in (ast.get_docstring(ast.parse(long)) or "")
+    explained = f'"""A long table.\n\n{LONG_FILE_REASON} it is one table."""\n' + long
+    assert LONG_FILE_REASON in ast.get_docstring(ast.parse(explained))
+
+
+def test_no_source_file_over_500_lines_without_a_reason():
+    long = _too_long()
+    assert not long, (f"modules over {MAX_LINES} lines whose docstring does not say why ('{LONG_FILE_REASON} ...'; "
+                      "better: split them by concern): " + ", ".join(f"{m} ({n})" for m, n in sorted(long.items())))

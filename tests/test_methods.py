@@ -343,3 +343,14 @@ def test_a_shared_parameter_has_one_meaning_and_unregister_removes_a_method():
     assert unregister("toy4") is spec and "toy4" not in ropekit.method_names()
     with pytest.raises(ValueError, match="method: unknown scaling method 'toy4'"):
         RopeConfig(head_dim=8, method="toy4")
+
+
+def test_report_labels_come_from_the_registry():
+    from ropekit.config import RopeConfig
+    from ropekit.methods import baseline_label, run_label
+
+    base = RopeConfig(head_dim=64, base=10000.0, original_max_position=4096)
+    assert run_label(base.extend("yarn", 2.0)) == "yarn x2"
+    assert run_label(base.extend("base", new_base=500000)) == "base 500000"  # the base method's own label hook
+    assert baseline_label(base) == "default"
+    assert baseline_label(base.extend("yarn", 4.0)) == "yarn (model's own)"

@@ -173,7 +173,7 @@ def test_no_parameters_buffers_or_state():
     assert "method=dynamic" in repr(rope)
 
 
-def test_heads_last_layout_in_module():
+def test_heads_last_input_rotates_exactly_as_heads_first():
     cfg = RopeConfig(head_dim=D, base=500.0)
     q = torch.randn(2, 7, 3, D)
     heads_last = RotaryEmbedding(cfg, heads_first=False)(q, None, 5)[0]
@@ -181,7 +181,7 @@ def test_heads_last_layout_in_module():
     torch.testing.assert_close(heads_last, heads_first.transpose(1, 2), rtol=0, atol=0)
 
 
-def test_module_cos_sin_tables():
+def test_module_cos_sin_are_float64_angles_times_attention_scale():
     cfg = RopeConfig(head_dim=D, method="yarn", factor=4.0, original_max_position=L)
     rope = RotaryEmbedding(cfg)
     cos, sin = rope.cos_sin(torch.arange(6))
@@ -215,7 +215,7 @@ def test_check_positions_rejects_positions_beyond_max_position():
         RotaryEmbedding(RopeConfig(head_dim=D), check_positions=True)
 
 
-def test_module_argument_errors():
+def test_module_refuses_bad_policy_config_and_no_tensors():
     with pytest.raises(ValueError, match="dynamic_policy: 'sometimes' not accepted; accepted: freeze, recompute"):
         RotaryEmbedding(RopeConfig(head_dim=D), dynamic_policy="sometimes")
     with pytest.raises(ValueError, match="cfg: expected a RopeConfig"):

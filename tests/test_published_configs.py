@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ropekit.config import LayeredRope, RopeConfig
+from ropekit.config import RopeConfig
+from ropekit.layered import LayeredRope
 from ropekit.hf.reference import hf_config
 from ropekit.methods import frequencies
 

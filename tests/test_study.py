@@ -12,7 +12,7 @@ import torch
 
 from ropekit.training.data import ByteTokenizer
 from ropekit.evaluation.passkey import FILLER, QUESTION, passkey_prompt
-from ropekit.training.study import (
+from ropekit.study import (
     ANSWER_LEN,
     KEY_DIGITS,
     MIN_PROMPT,

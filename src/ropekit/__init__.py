@@ -1,6 +1,7 @@
 """ropekit: Rotary Position Embeddings and context-window extension for PyTorch models."""
 
-from ropekit.config import LayeredRope, RopeConfig
+from ropekit.config import RopeConfig
+from ropekit.layered import LayeredRope
 from ropekit.kernels.dispatch import apply_rotary, rotate
 from ropekit.methods import Frequencies, frequencies, get_method, method_names, parameters
 from ropekit.module import RotaryEmbedding

@@ -22,6 +22,7 @@ import torch
 from ropekit.config import RopeConfig
 from ropekit.methods import frequencies, get_method, method_names
 from ropekit.methods.base_change import suggested_base
+from ropekit.methods.ntk import ntk_base
 
 # Methods shown, in registry order (a snapshot at import; ``method_configs`` reads the registry each call).
 # A method whose required parameters cannot be chosen from the target length (LongRoPE's searched per-pair
@@ -153,7 +154,7 @@ def _suggest_new_base(cfg: RopeConfig, target_length: int, factor: float) -> flo
     """arXiv 2405.14591's bound for the target length; if the model's base is already above it, the NTK base."""
     new_base = suggested_base(target_length)
     if new_base <= cfg.base:
-        new_base = cfg.base * factor ** (cfg.rotary_dim / (cfg.rotary_dim - 2))
+        new_base = ntk_base(cfg.base, factor, cfg.rotary_dim)
     return new_base
 
 
@@ -170,7 +171,7 @@ def method_configs(cfg: RopeConfig, target_length: int) -> tuple[dict[str, RopeC
     skipped: dict[str, str] = {}
     for name in method_names():
         spec = get_method(name)
-        if name == "default":
+        if spec.unscaled:  # plain RoPE: the "default" baseline above
             continue
         chosen = [p for p in spec.params if p.field in spec.required
                   and p.field not in ("factor", "original_max_position")]
@@ -247,7 +248,7 @@ def inspect_rope(cfg: RopeConfig, target_length: int | None = None, *, name: str
     original_plain = frequencies(cfg.with_method("default"), None).wavelengths
     configs, skipped = method_configs(cfg, target_length)
     views = [method_view(n, c, original_plain, target_length) for n, c in configs.items()]
-    if cfg.method != "default":
+    if cfg.is_scaled:
         views.insert(0, MethodView(name=f"as trained ({cfg.method})", config=cfg, wavelengths=own.wavelengths,
                                    attention_scale=float(own.attention_scale),
                                    pairs_kept=int((torch.abs(own.wavelengths / original_plain - 1) < 1e-9).sum()),

@@ -21,19 +21,24 @@ computed from integer positions, not a table, so positions past it are still rot
 
 The module holds no parameters and persists no buffers: frequencies are derived from the config, in
 float64 on the CPU, and moved to the input's device on use (so ``model.to(bfloat16)`` cannot touch them).
+It owns its caches: the resolved frequencies, and the cpu backend's cos/sin tables (``table_cache``, a
+``ropekit.kernels.cpu.TableCache``); both take a lock, since threads may share a module. A copy of the module
+starts with an empty table cache.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from ropekit.config import RopeConfig
+from ropekit.kernels.cpu import TableCache
 from ropekit.kernels.dispatch import apply_rotary, check_backend
 from ropekit.methods import Frequencies, frequencies
-from ropekit.multimodal import MultiAxisRope
+from ropekit.multimodal.layout import MultiAxisRope
 from ropekit.rotation import cos_sin, reapply_frequencies, rerotate, resolve_positions
 
 DYNAMIC_POLICIES = ("freeze", "recompute")
@@ -75,6 +80,8 @@ class RotaryEmbedding(nn.Module):
         self._frozen_seq_len: int | None = None
         # (seq_len, device) -> Frequencies; bounded, since "recompute" decoding meets a new length every token.
         self._cache: OrderedDict[tuple, Frequencies] = OrderedDict()
+        self._lock = threading.RLock()  # guards _cache: threads may share a module
+        self.table_cache = TableCache()  # the cpu backend's cos/sin tables for this module's calls
         if not cfg.length_dependent:
             self.frequencies()  # resolved now, so that a compiled forward finds it cached on the CPU
 
@@ -100,19 +107,21 @@ class RotaryEmbedding(nn.Module):
                 return hit
             base = self._cache.get((key_len, "cpu"))
             return (frequencies(self.cfg, key_len) if base is None else base).to(device)
-        if key not in self._cache:
-            # Normal tensors also under torch.inference_mode(): the cache serves every later mode (autograd
-            # cannot save an inference tensor for backward).
-            with torch.inference_mode(False):
-                base = self._cache.get((key_len, "cpu"))
-                if base is None:
-                    base = frequencies(self.cfg, key_len)
-                    self._cache[(key_len, "cpu")] = base
-                self._cache[key] = base.to(device)
-        self._cache.move_to_end(key)
-        while len(self._cache) > FREQUENCY_CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return self._cache[key]
+        with self._lock:
+            if key not in self._cache:
+                # Normal tensors also under torch.inference_mode(): the cache serves every later mode (autograd
+                # cannot save an inference tensor for backward).
+                with torch.inference_mode(False):
+                    base = self._cache.get((key_len, "cpu"))
+                    if base is None:
+                        base = frequencies(self.cfg, key_len)
+                        self._cache[(key_len, "cpu")] = base
+                    self._cache[key] = base.to(device)
+            self._cache.move_to_end(key)
+            found = self._cache[key]
+            while len(self._cache) > FREQUENCY_CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return found
 
     def begin_sequence(self, seq_len: int | None = None) -> None:
         """Start a new sequence; with ``seq_len`` the frozen scale is fixed now (no device read later)."""
@@ -161,7 +170,8 @@ class RotaryEmbedding(nn.Module):
             freqs = _frequencies_outside_graph(self, pos, seq_len, ref.device)
         else:
             freqs = self.frequencies(self.resolve_seq_len(pos, seq_len), ref.device)
-        return apply_rotary(q, k, freqs, pos, heads_first=self.heads_first, backend=self.backend)
+        return apply_rotary(q, k, freqs, pos, heads_first=self.heads_first, backend=self.backend,
+                            cache=self.table_cache)
 
     def cos_sin(
         self, positions: torch.Tensor, *, seq_len: int | None = None, dtype: torch.dtype = torch.float32
@@ -205,6 +215,15 @@ class RotaryEmbedding(nn.Module):
         old = self.frequencies(old_seq_len, k.device)
         new = self.frequencies(new_seq_len, k.device)
         return reapply_frequencies(k, old, new, positions, heads_first=self.heads_first)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)  # a lock cannot be copied or pickled; the copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def extra_repr(self) -> str:
         c = self.cfg

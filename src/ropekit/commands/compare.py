@@ -9,7 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from ropekit.evaluation.haystack import MAX_NEEDLES
-from ropekit.methods import method_names
+from ropekit.methods import get_method, method_names
 
 from ropekit.commands.common import (
     DeviceOpt,
@@ -122,7 +122,8 @@ def check_something_to_compare(plans: list, method_list: list[str] | None, own_m
         return
     asked = method_list or []
     reasons = [f"{p.method} would be skipped: {p.skipped}" for p in plans[1:] if p.skipped]
-    reasons += [f"{m} is the model's own RoPE (the baseline)" for m in asked if m == own_method and m != "longrope"]
+    reasons += [f"{m} is the model's own RoPE (the baseline)" for m in asked
+                if m == own_method and not get_method(m).needs_searched_factors]
     error_exit(f"--methods: nothing to compare with the model's own RoPE: {'; '.join(reasons) or 'no method runs'}; "
                f"the run would measure the baseline alone")
 

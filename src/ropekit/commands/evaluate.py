@@ -30,7 +30,7 @@ from ropekit.commands.common import (
     typed_path,
     with_method_options,
 )
-from ropekit.methods import canonical_name, get_method
+from ropekit.methods import baseline_label, canonical_name, get_method, run_label
 
 eval_app = typer.Typer(help="Evaluate a model with RoPE extension methods: perplexity, passkey, needle, RULER.",
                        no_args_is_help=True)
@@ -94,14 +94,11 @@ def method_runs(base_cfg, methods: str, method_options: dict[str, Any], *, basel
         except ValueError as exc:
             raise ValueError(f"--method:{str(exc).partition(':')[2]}") from None
     check_options_used(names, method_options)
-    label = "default" if base_cfg.method == "default" else f"{base_cfg.method} (model's own)"
-    runs = [MethodRun(label, base_cfg)] if baseline else []
+    runs = [MethodRun(baseline_label(base_cfg), base_cfg)] if baseline else []
     for name in names:
         cfg = extend_rope(base_cfg, name, options_for(name, method_options))
-        label = f"base {cfg.new_base:g}" if name == "base" else (
-            name if cfg.factor is None else f"{name} x{cfg.factor:g}")
         if not any(r.rope == cfg for r in runs):
-            runs.append(MethodRun(label, cfg))
+            runs.append(MethodRun(run_label(cfg), cfg))
     return runs
 
 

@@ -22,7 +22,7 @@ from ropekit.commands.common import (
     typed_path,
     with_method_options,
 )
-from ropekit.methods import method_names
+from ropekit.methods import get_method, method_names
 
 FORMATS = ("transformers", "gguf")
 
@@ -91,7 +91,7 @@ def _export_gguf(model: str | None, method: str, out: Path, overwrite: bool, dty
     tensors = f"; tensors {', '.join(plan.set_tensors)}" if plan.set_tensors else ""
     typer.echo(f"wrote {path}: {cfg.method}" + (f" factor {cfg.factor:g}" if cfg.factor else "") + f" ({keys}{tensors})")
     typer.echo(f"serve it with llama.cpp: {llama_cpp_command(path, plan)}")
-    if cfg.method == "longrope":
+    if get_method(cfg.method).needs_searched_factors:  # short and long factors: which one llama.cpp takes
         typer.echo("note: llama.cpp picks the long factors for every sequence when -c exceeds "
                    f"{cfg.original_max_position}, the short ones otherwise")
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ropekit.training.study import QUICK, STUDY_METHODS, StudySizes
+from ropekit.study import QUICK, STUDY_METHODS, StudySizes
 
 
 def _defaults(field: str) -> str:
@@ -60,7 +60,7 @@ def study_command(
     write OUT/summary.md with tables and plots. The default run takes 3-4 minutes on 2 CPU cores.
     """
     from ropekit.commands.common import check_out_or_exit, cli_message, error_exit, flags_for
-    from ropekit.training.study import run_study
+    from ropekit.study import run_study
 
     check_out_or_exit(out, overwrite)
 

@@ -5,9 +5,12 @@
 * ``haystack`` / ``cached``: many labelled needles in one real-text context, prefilled once, every question
   answered from the KV cache (``build_haystack``, ``prefill``, ``answer``).
 * ``stats``: Wilson and bootstrap intervals, paired comparisons, ties.
+* ``scoring``: the retrieval scorer (is an answer right; when its decoding may stop), used by compare, passkey
+  and ``cached``.
 * ``passkey`` / ``needle``: retrieval accuracy over depth x length (``evaluate_passkey``, ``evaluate_needle``).
 * ``ruler``: RULER-style tasks with intervals (``evaluate_ruler``).
-* ``compare``: the main job, every method ranked with a recommendation (``run_compare``).
+* ``compare``: the main job, every method ranked with a recommendation (``run_compare``); a package (plan,
+  measure, rank, command_line, report, run).
 * ``report``: JSON / CSV / PNG / Markdown writers (atomic).
 """
 

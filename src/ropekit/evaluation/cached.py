@@ -5,13 +5,13 @@ NLL (chunked head: the full (length, vocabulary) logits never exist). ``answer``
 context, decodes greedily, and crops the cache back to the context, so the next question sees exactly the
 same prefix. The answer equals what greedy decoding of the full prompt (context + question) gives, because a
 causal model's keys and values for the context do not depend on what follows; tests check it for every method,
-length-dependent ones included (their scale is frozen for the sequence: ``RopePatch.fix_length``).
+length-dependent ones included (their scale is frozen for the sequence: ``RopePatch.fix_length``). Decoding
+stops early by the retrieval scorer's rule (``evaluation.scoring``), so an early stop never changes a verdict.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ropekit.evaluation.perplexity import DEFAULT_CHUNK_SIZE, layer_progress, model_body, output_logits
+from ropekit.evaluation.scoring import answer_state
 
 ANSWER_TOKENS = 8
 
@@ -77,18 +78,6 @@ def prefill(model, input_ids: torch.Tensor, *, nll: bool = True, chunk_size: int
     return Prefill(cache, ids.shape[1], losses)
 
 
-def _first_number_state(text: str, expected: str | None) -> str:
-    """"open" while the first number of ``text`` may still become ``expected``; "done" once it is decided."""
-    match = re.search(r"\d+", text)
-    if match is None:
-        return "open"
-    if match.end() < len(text):
-        return "done"  # the number is complete
-    if expected is not None and not expected.startswith(match.group(0)):
-        return "done"  # its digits already differ from the expected answer: greedy cannot recover it
-    return "open"
-
-
 @torch.inference_mode()
 def answer(model, tokenizer, context: Prefill, question_ids: Sequence[int], *, max_new_tokens: int = ANSWER_TOKENS,
            stop_after_number: bool = True) -> str:
@@ -108,8 +97,8 @@ def answer(model, tokenizer, context: Prefill, question_ids: Sequence[int], *, m
             if token == eos:
                 break
             generated.append(token)
-            if stop_after_number and _first_number_state(tokenizer.decode(generated, skip_special_tokens=True),
-                                                          None) == "done":
+            if stop_after_number and answer_state(tokenizer.decode(generated, skip_special_tokens=True),
+                                                   None) == "done":
                 break
             ids = torch.tensor([[token]], dtype=torch.long, device=device)
     finally:
@@ -185,7 +174,7 @@ def answer_all(model, tokenizer, context: Prefill, questions: Sequence[Sequence[
                 generated[i].append(int(token))
                 if stop_after_number:
                     text = tokenizer.decode(generated[i], skip_special_tokens=True)
-                    if _first_number_state(text, None if expected is None else expected[i]) == "done":
+                    if answer_state(text, None if expected is None else expected[i]) == "done":
                         continue
                 still.append(i)
             active = still

@@ -2,13 +2,12 @@
 
 A prompt of exactly ``length`` tokens: an instruction, filler sentences, the key sentence at ``depth`` (0 = right
 after the instruction, 1 = just before the question), more filler, then the question. The model answers
-greedily; a trial is correct when the first number in its answer is the key.
+greedily; a trial is correct when the first number in its answer is the key (``evaluation.scoring``).
 """
 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ropekit.config import RopeConfig
 from ropekit.evaluation.data import plain_ids, special_prefix_ids
+from ropekit.evaluation.scoring import first_number, is_correct  # noqa: F401 - the scorer; re-exported
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
@@ -87,19 +87,6 @@ def answer_ids(tokenizer, key: str) -> list[int]:
     """The tokens of the expected answer after the question (" 48213"): what a model trained on passkey
     prompts learns to write, and what a teacher-forced score checks."""
     return plain_ids(tokenizer, " " + key)
-
-
-def first_number(text: str) -> str | None:
-    """The first run of digits in ``text`` (the model's answer), or None."""
-    match = re.search(r"\d+", text)
-    return match.group(0) if match else None
-
-
-def is_correct(answer_text: str, expected: str, *, numeric: bool = True) -> bool:
-    """Passkey: the first number of the answer equals ``expected``. Otherwise: ``expected`` appears in it."""
-    if numeric:
-        return first_number(answer_text) == expected
-    return expected.strip().lower() in answer_text.lower()
 
 
 @torch.inference_mode()

@@ -3,15 +3,18 @@
 * ``families``: any transformers model with a rotary module (``rope_families()`` lists the installed ones;
   ``SUPPORTED_FAMILIES`` names the documented ones), found from its structure (``locate``, ``probe_tables``,
   ``probe_functions``), ``model_layered_rope`` (per-layer RoPE), ``TransformersStructureError``.
-* ``load``: ``load_model`` (hub id, folder, ``.gguf``, ``"demo"``) -> ``LoadedModel``; ``check_model_source``
-  (file-system checks that run first); device and dtype choice.
+* ``load``: ``load_model`` (hub id, folder, ``.gguf``, ``"demo"``) -> ``LoadedModel``; device and dtype choice.
+* ``checks``: ``check_model_source`` (the file-system checks ``load_model`` runs first), ``demo_model_path``.
 * ``patch``: ``apply_rope(model, cfg, backend=...)`` -> ``RopePatch``; no process-wide state decides which
   model rotates how (see the module docstring).
+* ``routing``: how a patched model's rotation reaches ropekit (``RotaryCall``, ``RopekitRotaryAdapter``, the
+  router around ``apply_rotary_pos_emb``); re-exported by ``patch``.
 * ``export``: ``hf_config_for`` and ``export_model`` (a checkpoint plain transformers loads).
 * ``reference`` (not imported here): transformers' own RoPE driven from a config dict, and an mpmath-exact
   RoPE, for parity checks (the tests, ``scripts/parity_report.py``).
 """
 
+from ropekit.hf.checks import DEMO_MODEL, DEMO_PACKAGE, check_model_source, demo_model_path
 from ropekit.hf.export import export_model, hf_config_for
 from ropekit.hf.families import (
     FAMILIES,
@@ -31,14 +34,10 @@ from ropekit.hf.families import (
     unsupported_family_message,
 )
 from ropekit.hf.load import (
-    DEMO_MODEL,
-    DEMO_PACKAGE,
     DEVICES,
     DTYPES,
     LoadedModel,
     ModelLoadError,
-    check_model_source,
-    demo_model_path,
     load_model,
     read_model_config,
     resolve_device,

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ropekit.config import LayeredRope, RopeConfig
+from ropekit.config import RopeConfig
+from ropekit.layered import LayeredRope
 from ropekit.hf.families import check_family
 from ropekit.hf.load import LoadedModel, resolve_dtype
 from ropekit.output import OutputDir
@@ -68,11 +69,7 @@ def hf_config_for(model_config: Any, cfg: RopeConfig | LayeredRope) -> dict[str,
                              f"{cfg.method!r} GPT-J cannot be exported for plain transformers")
         return d
     hf = cfg.to_hf()  # raises for methods transformers lacks
-    params = dict(hf["rope_parameters"])
-    if params["rope_type"] == "llama3":
-        # transformers requires both keys; ropekit's defaults are Llama 3.1's.
-        params.setdefault("low_freq_factor", 1.0)
-        params.setdefault("high_freq_factor", 4.0)
+    params = dict(hf["rope_parameters"])  # with the keys transformers requires (MethodSpec.hf_defaults)
     if family == "phi3" and params["rope_type"] not in ("default", "longrope"):
         raise ValueError(f"phi3: transformers' Phi-3 accepts only longrope scaling (and plain RoPE with a new "
                          f"rope_theta: ntk, base), not {cfg.method!r}")
@@ -115,11 +112,7 @@ def _per_type_config(d: dict[str, Any], current: LayeredRope, cfg: LayeredRope) 
     hf = cfg.to_hf()
     params = {k: v for k, v in (d.get("rope_parameters") or {}).items() if k not in cfg.types}
     for key in cfg.types:
-        typed = dict(hf["rope_parameters"][key])
-        if typed.get("rope_type") == "llama3":
-            typed.setdefault("low_freq_factor", 1.0)
-            typed.setdefault("high_freq_factor", 4.0)
-        params[key] = typed
+        params[key] = dict(hf["rope_parameters"][key])  # with the keys transformers requires (hf_defaults)
     d["rope_parameters"] = params
     d["rope_scaling"] = None  # Gemma 3 would apply an old rope_scaling over the full layers' parameters
     d.pop("rope_local_base_freq", None)

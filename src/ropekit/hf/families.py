@@ -11,7 +11,8 @@ own rotary module is refused with the numbers, before anything is changed.
 
 ``FAMILIES`` names the families with a human name (and their tiny-model tests in tests/test_hf_patch.py);
 ``rope_families()`` lists every causal-LM family of the installed transformers with a rotary module
-(tests/test_every_family.py builds a tiny model of each; ``scripts/family_table.py`` writes docs/families.md).
+(tests/test_hf_every_family_patched_or_refused.py builds a tiny model of each; ``scripts/family_table.py``
+writes docs/families.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ropekit.config import LayeredRope, RopeConfig
+from ropekit.config import RopeConfig
+from ropekit.layered import LayeredRope
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 )}
 
 # model_type -> human name of the families named in docs and errors. Any other family with a rotary module is
-# patched too (tests/test_every_family.py covers every one the installed transformers has).
+# patched too (tests/test_hf_every_family_patched_or_refused.py covers every one the installed transformers has).
 SUPPORTED_FAMILIES: dict[str, str] = {k: f.name for k, f in FAMILIES.items()}
 
 # Families with learned or ALiBi positions: a clear "no RoPE" message instead of "not supported".

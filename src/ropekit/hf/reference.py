@@ -262,7 +262,7 @@ def _tiny_model(config, seed: int = 0):
 
 def _scaled_rope_parameters(config, method: str):
     """``config``'s rope_parameters with ``method`` x2 on the layer types a ropekit extend changes."""
-    from ropekit.config import LayeredRope
+    from ropekit.layered import LayeredRope
 
     params = copy.deepcopy(dict(config.rope_parameters))
     layered = LayeredRope.from_hf(config)
@@ -285,7 +285,7 @@ def _scaled_rope_parameters(config, method: str):
 
 def survey_family(model_type: str, *, seq: int = TINY_SEQ, atol: float = 1e-4) -> FamilyResult:
     """Build a tiny ``model_type`` model and check ropekit's patch on it (see ``FamilyResult``)."""
-    from ropekit.config import LayeredRope
+    from ropekit.layered import LayeredRope
     from ropekit.hf.patch import apply_rope
 
     try:
@@ -363,8 +363,8 @@ def family_table(results: list[FamilyResult]) -> str:
     import transformers
 
     intro = ("Every causal-LM family of the installed transformers whose model has a rotary module, as "
-             "`tests/test_every_family.py` finds it on a tiny model: *supported* means ropekit's `default` patch "
-             "gives the model's own logits and a scaled RoPE gives transformers' own `rope_type`'s; *refused* "
+             "`tests/test_hf_every_family_patched_or_refused.py` finds it on a tiny model: *supported* means "
+             "ropekit's `default` patch gives the model's own logits and a scaled RoPE gives transformers' own `rope_type`'s; *refused* "
              "means `apply_rope` raises with the reason shown; *not built* means no tiny model of it could be made "
              "here (not checked). Written by `scripts/family_table.py`.")
     lines = [f"# Model families (transformers {transformers.__version__})", "", intro, "",

@@ -1,4 +1,4 @@
-"""The fast CPU path: ropekit's float64-built cos/sin table (cached) + one fused, compiled rotation pass.
+"""The fast CPU path: ropekit's float64-built cos/sin table (cached by its owner) + one fused, compiled pass.
 
 Chosen by measurement (``ropekit bench``; the numbers are in benchmarks/README.md, "How the CPU path got
 fast"). The reference builds several full-size float32 temporaries (slices, products, ``cat``); this path
@@ -14,6 +14,11 @@ reads q/k once and writes each output element once:
 
 Under an outer ``torch.compile`` the same functions are traced into the caller's graph instead.
 
+Caches: the cos/sin tables live in a ``TableCache`` owned by what uses them (a ``RotaryEmbedding``, a
+``RopePatch``, or, for a plain ``apply_rotary`` call, the frequencies tensor, through a weak reference: they go
+when it goes); each holds a lock, since threads may share an owner. Module-global state is only what serves
+compiled code and memory: the compiled passes, the output pool (each with a lock) and per-thread scratch.
+
 Angles: the tables are ``ropekit.rotation.cos_sin`` (float64, rounded once to float32), exactly the
 reference's; only the rotation arithmetic is reorganised (float32, the reference's compute dtype, with the
 same products and sums per element).
@@ -24,22 +29,23 @@ import ctypes
 import ctypes.util
 import sys
 import threading
-from dataclasses import dataclass
 import types
 import warnings
+import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ropekit.rotation import cos_sin
 
 Tensor = torch.Tensor
 
 # Tables up to this many bytes are cached (per frequencies, positions, scale, direction): a model calls
-# RoPE once per layer with the same positions.
+# RoPE once per layer with the same positions. Entries per TableCache (tables and their pair forms each).
 TABLE_CACHE_BYTES = 64 * 2**20
 TABLE_CACHE_ENTRIES = 8
-_table_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 # Out-of-place outputs are fresh allocations, and first-touching them page by page dominated the time
@@ -179,6 +185,7 @@ def fused_rotate(x: Tensor, cos_p: Tensor, sin_p: Tensor, out: Tensor, rotary_di
 # variant gets its own code object, so Dynamo's per-code recompile limit counts per variant.
 _compiled_passes: dict[tuple, object] = {}
 _failed: set[tuple] = set()
+_compiled_lock = threading.Lock()  # threads may ask for the same variant at once: one compiled pass each
 
 
 def _compiled(name: str):
@@ -189,9 +196,10 @@ def _compiled(name: str):
 
 def _pass_for(key: tuple, xp: Tensor, out_p: Tensor):
     key = key + (xp.is_contiguous(), out_p.is_contiguous())
-    if key not in _compiled_passes:
-        _compiled_passes[key] = _compiled(f"rotate_pairs_{len(_compiled_passes)}")
-    return _compiled_passes[key]
+    with _compiled_lock:
+        if key not in _compiled_passes:
+            _compiled_passes[key] = _compiled(f"rotate_pairs_{len(_compiled_passes)}")
+        return _compiled_passes[key]
 
 
 def _run(key: tuple, compile: bool, x: Tensor, cos_p: Tensor, sin_p: Tensor, out: Tensor, rotary_dim: int,
@@ -205,7 +213,8 @@ def _run(key: tuple, compile: bool, x: Tensor, cos_p: Tensor, sin_p: Tensor, out
     try:
         return fused_rotate(x, cos_p, sin_p, out, rotary_dim, interleaved, run=run)
     except Exception as err:  # no C++ compiler...: say so once, run the same maths eagerly
-        _failed.add(key)
+        with _compiled_lock:
+            _failed.add(key)
         warnings.warn(f"ropekit cpu backend: torch.compile failed ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); running the fused rotation eagerly "
                       f"for {key}", RuntimeWarning, stacklevel=3)
@@ -261,10 +270,130 @@ def _normal_tensors():
     return torch.inference_mode(False)
 
 
-def tables(freqs, positions_arg, positions: Tensor, scale: float, conjugate: bool) -> tuple[Tensor, Tensor]:
+def _frequencies_key(freqs) -> tuple:
+    """The frequencies' values as a hashable key (a few hundred bytes): equal frequencies share tables, and no
+    object id (which a freed tensor hands on to the next) is ever part of a key."""
+    def raw(t):
+        return None if t is None else t.detach().to("cpu", torch.float64).numpy().tobytes()
+    return raw(freqs.inv_freq64), raw(freqs.original_inv_freq64), int(freqs.unscaled_until)
+
+
+def _storage_key(t: Tensor) -> tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor
+        version = None
+    return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), version)
+
+
+def _pair_tables(cos: Tensor, sin: Tensor, interleaved: bool, heads_first: bool) -> tuple[Tensor, Tensor]:
+    """``pair_tables`` of (1|B, S, rotary_dim/2) tables, with a heads axis to broadcast over (heads-first
+    (B, 1, S, ...), heads-last (B, S, 1, ...))."""
+    axis = 1 if heads_first else 2
+    return pair_tables(cos.unsqueeze(axis), sin.unsqueeze(axis), interleaved)
+
+
+class TableCache:
+    """float32 cos/sin tables, and their pair forms, kept between calls by the object that uses them.
+
+    Owned by a ``RotaryEmbedding``, a ``RopePatch``, or (``cache_for``) a frequencies tensor; bounded (LRU,
+    ``entries`` of each kind); thread-safe (one lock; tables are built outside it). A copy or an unpickled one
+    starts empty: the tables are derived data.
+    """
+
+    def __init__(self, entries: int = TABLE_CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self._lock = threading.Lock()
+        self._tables: OrderedDict[tuple, tuple] = OrderedDict()
+        self._pairs: OrderedDict[tuple, tuple] = OrderedDict()
+        _all_caches.add(self)
+
+    def __getstate__(self) -> dict:
+        return {"entries": self.entries}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["entries"])
+
+    def __deepcopy__(self, memo) -> TableCache:
+        return TableCache(self.entries)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tables) + len(self._pairs)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+            self._pairs.clear()
+
+    def _put(self, store: OrderedDict, key: tuple, entry: tuple) -> None:
+        with self._lock:
+            store[key] = entry
+            while len(store) > self.entries:
+                store.popitem(last=False)
+
+    def tables(self, freqs, positions: Tensor, scale: float, conjugate: bool) -> tuple[Tensor, Tensor]:
+        """``tables``' result for these frequencies and positions, from the cache when an entry matches."""
+        if torch.compiler.is_compiling():  # traced into the caller's graph: no Python-side cache
+            cos, sin = cos_sin(freqs, positions, dtype=torch.float32, scale=scale)
+            return cos, (-sin if conjugate else sin)
+        key = (_frequencies_key(freqs), float(scale), bool(conjugate), tuple(positions.shape), positions.dtype,
+               str(positions.device))
+        with self._lock:
+            hit = self._tables.get(key)
+            if hit is not None and torch.equal(hit[0], positions):
+                self._tables.move_to_end(key)
+                return hit[1], hit[2]
+        with _normal_tensors():
+            cos, sin = cos_sin(freqs, positions, dtype=torch.float32, scale=scale)
+            if conjugate:
+                sin = -sin
+            if 2 * cos.numel() * 4 <= TABLE_CACHE_BYTES:
+                # The entry keeps a copy of the positions: a call with equal positions is served from it.
+                self._put(self._tables, key, (positions.clone(), cos, sin))
+        return cos, sin
+
+    def pair_tables(self, cos: Tensor, sin: Tensor, interleaved: bool, heads_first: bool) -> tuple[Tensor, Tensor]:
+        """``_pair_tables(cos, sin, ...)``, cached per table pair, as the tables themselves are."""
+        if torch.compiler.is_compiling():
+            return _pair_tables(cos, sin, interleaved, heads_first)
+        # Keyed on the tables' storage (a caller may pass fresh views of the same tables on every call); the entry
+        # holds the tables themselves, so the memory cannot be reused while cached. Inference tensors have no
+        # version counter: ropekit's own tables are never written in place, so their address and layout decide.
+        key = (_storage_key(cos), _storage_key(sin), interleaved, heads_first)
+        with self._lock:
+            hit = self._pairs.get(key)
+            if hit is not None:
+                self._pairs.move_to_end(key)
+                return hit[2], hit[3]
+        with _normal_tensors():
+            cos_p, sin_p = _pair_tables(cos, sin, interleaved, heads_first)
+        self._put(self._pairs, key, (cos, sin, cos_p, sin_p))
+        return cos_p, sin_p
+
+
+_all_caches: weakref.WeakSet[TableCache] = weakref.WeakSet()  # for cache_info / clear_cache only
+# The caches of plain calls, each living as long as its frequencies tensor (a weak key: gone with the tensor).
+_owned: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_owned_lock = threading.Lock()
+
+
+def cache_for(owner: Tensor) -> TableCache:
+    """The ``TableCache`` that lives as long as ``owner`` (a frequencies' ``inv_freq64``), for callers that
+    hold no cache of their own (a plain ``apply_rotary``)."""
+    with _owned_lock:
+        cache = _owned.get(owner)
+        if cache is None:
+            cache = _owned[owner] = TableCache()
+        return cache
+
+
+def tables(freqs, positions_arg, positions: Tensor, scale: float, conjugate: bool,
+           cache: TableCache | None = None) -> tuple[Tensor, Tensor]:
     """float32 (cos*scale, ±sin*scale), each positions.shape + (rotary_dim/2,), from the float64 reference.
 
-    ``positions`` is the resolved (1|B, S) integer tensor. Cached by value: an entry keeps a copy of the
+    ``positions`` is the resolved (1|B, S) integer tensor. Cached in ``cache`` (None: the one of
+    ``freqs.inv_freq64``, ``cache_for``) by value: by the frequencies' values, and an entry keeps a copy of the
     positions it was built for and serves a call whose positions are equal to it (an element-wise compare,
     much cheaper than the table, and on the CPU no device sync), so an edit in place, a reused ``id`` or an
     inference tensor (which has no version counter) cannot serve stale tables. ``positions_arg`` (what the
@@ -274,22 +403,7 @@ def tables(freqs, positions_arg, positions: Tensor, scale: float, conjugate: boo
     if torch.compiler.is_compiling():  # traced into the caller's graph: no Python-side cache
         cos, sin = cos_sin(freqs, positions, dtype=torch.float32, scale=scale)
         return cos, (-sin if conjugate else sin)
-    key = (id(freqs.inv_freq64), freqs.unscaled_until, float(scale), bool(conjugate), tuple(positions.shape),
-           positions.dtype, str(positions.device))
-    hit = _table_cache.get(key)
-    if hit is not None and hit[0] is freqs.inv_freq64 and torch.equal(hit[1], positions):
-        _table_cache.move_to_end(key)
-        return hit[2], hit[3]
-    with _normal_tensors():
-        cos, sin = cos_sin(freqs, positions, dtype=torch.float32, scale=scale)
-        if conjugate:
-            sin = -sin
-        if 2 * cos.numel() * 4 <= TABLE_CACHE_BYTES:
-            # The entry holds inv_freq64 (so its id stays unique while cached) and a copy of the positions.
-            _table_cache[key] = (freqs.inv_freq64, positions.clone(), cos, sin)
-            while len(_table_cache) > TABLE_CACHE_ENTRIES:
-                _table_cache.popitem(last=False)
-    return cos, sin
+    return (cache if cache is not None else cache_for(freqs.inv_freq64)).tables(freqs, positions, scale, conjugate)
 
 
 @dataclass(frozen=True)
@@ -315,49 +429,19 @@ def cache_info() -> CacheInfo:
     """A snapshot of the CPU path's caches, for memory accounting and tests (holds no reference to a buffer)."""
     with _pool_lock:
         pool = tuple(PooledBuffer(buf.data_ptr(), buf.numel(), _storage_users(buf) > 1) for buf in _pool)
-    return CacheInfo(pool=pool, tables=len(_table_cache) + len(_pair_cache), compiled_passes=len(_compiled_passes))
+    with _compiled_lock:
+        compiled = len(_compiled_passes)
+    return CacheInfo(pool=pool, tables=sum(len(c) for c in list(_all_caches)), compiled_passes=compiled)
 
 
 def clear_cache() -> None:
-    """Drop the cached cos/sin tables, the in-place scratch buffers and the output pool's free buffers."""
-    _table_cache.clear()
-    _pair_cache.clear()
+    """Drop the cached cos/sin tables (of every ``TableCache``), the in-place scratch buffers and the output
+    pool's free buffers."""
+    for cache in list(_all_caches):
+        cache.clear()
     _scratch.buffers = OrderedDict()  # this thread's; other threads' go with their threads
     with _pool_lock:
         _pool[:] = [buf for buf in _pool if _storage_users(buf) > 1]
-
-
-_pair_cache: "OrderedDict[tuple, tuple]" = OrderedDict()
-
-
-def _storage_key(t: Tensor) -> tuple:
-    try:
-        version = t._version
-    except RuntimeError:  # an inference tensor
-        version = None
-    return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride(), version)
-
-
-def _pair_tables_cached(cos: Tensor, sin: Tensor, interleaved: bool, heads_first: bool) -> tuple[Tensor, Tensor]:
-    """``pair_tables`` of (1|B, S, rotary_dim/2) tables, with a heads axis to broadcast over (heads-first
-    (B, 1, S, ...), heads-last (B, S, 1, ...)); cached per table pair, as the tables themselves are."""
-    axis = 1 if heads_first else 2
-    if torch.compiler.is_compiling():
-        return pair_tables(cos.unsqueeze(axis), sin.unsqueeze(axis), interleaved)
-    # Keyed on the tables' storage (a caller may pass fresh views of the same tables on every call); the entry
-    # holds the tables themselves, so the memory cannot be reused while cached. Inference tensors have no
-    # version counter: ropekit's own tables are never written in place, so their address and layout decide.
-    key = (_storage_key(cos), _storage_key(sin), interleaved, heads_first)
-    hit = _pair_cache.get(key)
-    if hit is not None:
-        _pair_cache.move_to_end(key)
-        return hit[2], hit[3]
-    with _normal_tensors():
-        cos_p, sin_p = pair_tables(cos.unsqueeze(axis), sin.unsqueeze(axis), interleaved)
-    _pair_cache[key] = (cos, sin, cos_p, sin_p)
-    while len(_pair_cache) > TABLE_CACHE_ENTRIES:
-        _pair_cache.popitem(last=False)
-    return cos_p, sin_p
 
 
 def rotate_qk(
@@ -371,9 +455,16 @@ def rotate_qk(
     heads_first: bool,
     inplace: bool = False,
     compile: bool = True,
+    cache: TableCache | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Rotate 4-D q and k with (1|B, S, rotary_dim/2) float32 tables; out of place unless ``inplace``."""
-    cos_p, sin_p = _pair_tables_cached(cos, sin, interleaved, heads_first)
+    """Rotate 4-D q and k with (1|B, S, rotary_dim/2) float32 tables; out of place unless ``inplace``.
+
+    ``cache``: where the tables' pair forms are kept (the ``TableCache`` the tables came from); None: built
+    for this call only (a caller's own tables, ``ropekit.rotate``)."""
+    if cache is None:
+        cos_p, sin_p = _pair_tables(cos, sin, interleaved, heads_first)
+    else:
+        cos_p, sin_p = cache.pair_tables(cos, sin, interleaved, heads_first)
     outs = []
     for x in (q, k):
         if x is None:

@@ -7,7 +7,8 @@ Layers (each imports only those before it): ``config``/``methods`` <- ``rotation
 Backends:
   * ``"reference"``: the pure-PyTorch reference (``ropekit.rotation``), float64 angles; the ground truth.
   * ``"cpu"``: cached float64-built cos/sin tables + one fused compiled pass (``ropekit.kernels.cpu``);
-    CPU tensors only.
+    CPU tensors only. The tables are kept in the caller's ``cache`` (a ``kernels.cpu.TableCache``:
+    ``RotaryEmbedding`` and ``RopePatch`` pass their own), else in the one of the frequencies tensor.
   * ``"triton"``: the fused Triton kernel, angles computed in the kernel, no table at any length
     (``ropekit.kernels.triton_rope``, registered as the custom op ``ropekit::rope``); CUDA tensors, or CPU
     tensors when ``TRITON_INTERPRET=1`` (tests).
@@ -21,8 +22,10 @@ An explicitly named backend that cannot take the inputs raises ``ValueError`` sa
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ropekit.kernels import cpu as cpu_path
 from ropekit.kernels import triton_rope
@@ -42,7 +45,10 @@ FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # inputs (unit tests, toy models) skip the seconds of compiling the fused pass; real prefill sizes take it.
 CPU_MIN_ELEMENTS = 1 << 18
 
-_turns_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+# Fixed-point turns for the Triton kernel, per frequencies tensor (a weak key: an entry goes with its tensor,
+# and no id of a freed tensor can serve another) and per device.
+_turns_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_turns_lock = threading.Lock()
 
 
 def _interpreting() -> bool:
@@ -87,23 +93,24 @@ def resolve_backend(backend: str, ref: Tensor, numel: int) -> str:
 def _turns(inv_freq64: Tensor, device: torch.device) -> Tensor:
     """Fixed-point turns of ``inv_freq64`` on ``device``, cached per (tensor, device).
 
-    The entry holds ``inv_freq64`` itself, so its id cannot be reused while cached. On a hit nothing is
+    The cache holds ``inv_freq64`` weakly: its entries go when the tensor goes. On a hit nothing is
     copied or allocated (what CUDA-graph capture needs: fill the cache in a warm-up call before capturing);
     on a miss only device ops run (no host sync). The cached turns are normal tensors, also when made under
     ``torch.inference_mode()``: the custom op saves them for backward when autograd runs later.
     """
     if torch.compiler.is_compiling():
         return triton_rope.turns_fixed_point(inv_freq64.to(device))
-    key = (id(inv_freq64), str(device))
-    hit = _turns_cache.get(key)
-    if hit is not None and hit[0] is inv_freq64:
-        return hit[1]
+    with _turns_lock:
+        hit = _turns_cache.get(inv_freq64, {}).get(str(device))
+    if hit is not None:
+        return hit
     with torch.inference_mode(False):
         turns = triton_rope.turns_fixed_point(inv_freq64.to(device))
-    if len(_turns_cache) > 64:
-        _turns_cache.clear()
-    _turns_cache[key] = (inv_freq64, turns)
-    return turns
+    with _turns_lock:
+        per_device = _turns_cache.get(inv_freq64)
+        if per_device is None:
+            per_device = _turns_cache[inv_freq64] = {}
+        return per_device.setdefault(str(device), turns)
 
 
 def _positions(positions, batch: int, seq: int, device: torch.device, cu_seqlens: Tensor | None) -> Tensor:
@@ -145,6 +152,7 @@ def apply_rotary_fast(
     backend: str = "auto",
     inplace: bool = False,
     cu_seqlens: Tensor | None = None,
+    cache: cpu_path.TableCache | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``ropekit.apply_rotary`` with a backend choice, in-place mode and packed ``cu_seqlens``.
 
@@ -154,6 +162,7 @@ def apply_rotary_fast(
             the triton backend).
         cu_seqlens: (docs+1,) cumulative lengths of packed documents along the seq axis (instead of
             ``positions``): positions restart at 0 in each document.
+        cache: where the cpu backend keeps its cos/sin tables between calls (see ``apply_rotary``).
     Returns:
         (q_rotated, k_rotated), shapes and dtypes of the inputs.
     """
@@ -167,7 +176,7 @@ def apply_rotary_fast(
         # there. They take no part in autograd, so nothing is lost.
         with torch.inference_mode():
             return apply_rotary_fast(q, k, f, positions, heads_first=heads_first, inverse=inverse,
-                                     backend=backend, inplace=True, cu_seqlens=cu_seqlens)
+                                     backend=backend, inplace=True, cu_seqlens=cu_seqlens, cache=cache)
     ref = q if q is not None else k
     numel = sum(t.numel() for t in (q, k) if t is not None)
     chosen = resolve_backend(backend, ref, numel)
@@ -186,9 +195,11 @@ def apply_rotary_fast(
     q4 = None if q is None else (q if q.dim() == 4 else q.unsqueeze(0))
     k4 = None if k is None else (k if k.dim() == 4 else k.unsqueeze(0))
     if chosen == "cpu":
-        cos, sin = cpu_path.tables(f, positions if cu_seqlens is None else None, pos, scale, inverse)
+        if cache is None and not torch.compiler.is_compiling():
+            cache = cpu_path.cache_for(f.inv_freq64)
+        cos, sin = cpu_path.tables(f, positions if cu_seqlens is None else None, pos, scale, inverse, cache)
         out_q, out_k = cpu_path.rotate_qk(q4, k4, cos, sin, rotary_dim=f.rotary_dim, interleaved=interleaved,
-                                          heads_first=heads_first, inplace=inplace)
+                                          heads_first=heads_first, inplace=inplace, cache=cache)
     else:
         out_q, out_k = _triton(q4, k4, f, pos, scale, inverse, interleaved, heads_first, inplace)
     if ref.dim() == 3:
@@ -231,6 +242,7 @@ def apply_rotary(
     inverse: bool = False,
     seq_len: int | None = None,
     backend: str = "auto",
+    cache: cpu_path.TableCache | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Rotate q and k by their positions, on the backend ``backend`` picks (``ropekit.apply_rotary``).
 
@@ -243,17 +255,20 @@ def apply_rotary(
         inverse: undo a rotation (rotate by -angle and divide by the attention scale).
         seq_len: current length for length-dependent methods when ``freqs`` is a RopeConfig.
         backend: "auto" (default), "reference", "cpu" or "triton" (see the module docstring).
+        cache: a ``ropekit.kernels.cpu.TableCache`` in which the cpu backend keeps its cos/sin tables between
+            calls (``RotaryEmbedding`` and ``RopePatch`` pass their own); None: the cache that lives as long as
+            ``freqs``' tensors.
     Returns:
         (q_rotated, k_rotated), same shapes and dtypes as the inputs.
     """
     fast = dispatch_rotary(q, k, freqs, positions, heads_first=heads_first, inverse=inverse, seq_len=seq_len,
-                           backend=backend)
+                           backend=backend, cache=cache)
     if fast is not None:
         return fast
     return apply_rotary_reference(q, k, freqs, positions, heads_first=heads_first, inverse=inverse, seq_len=seq_len)
 
 
-def dispatch_rotary(q, k, freqs, positions, *, heads_first, inverse, seq_len, backend):
+def dispatch_rotary(q, k, freqs, positions, *, heads_first, inverse, seq_len, backend, cache=None):
     """The fast result of ``apply_rotary``, or None where the reference is to run."""
     check_backend(backend)
     ref = q if q is not None else k
@@ -263,7 +278,7 @@ def dispatch_rotary(q, k, freqs, positions, *, heads_first, inverse, seq_len, ba
     if resolve_backend(backend, ref, numel) == "reference":
         return None
     return apply_rotary_fast(q, k, freqs, positions, heads_first=heads_first, inverse=inverse,
-                             seq_len=seq_len, backend=backend)
+                             seq_len=seq_len, backend=backend, cache=cache)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: str = "neox", conjugate: bool = False, *,
@@ -279,7 +294,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, layout: str = "neox", conjugate:
             tables shaped as above, else the reference), "reference" or "cpu". "triton" computes its angles
             from positions, not tables: use ``apply_rotary`` for it.
     Returns:
-        Tensor like ``x``; the CPU pass gives the reference's values bit for bit.
+        Tensor like ``x``; the CPU pass gives the reference's values bit for bit. The tables are the caller's:
+        nothing is cached for them (their pair forms are built per call).
     """
     check_backend(backend)
     if backend == "triton":

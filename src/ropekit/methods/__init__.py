@@ -32,24 +32,29 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(f"{__name__}.{_module}")
 from ropekit.methods.longrope import read_factors_file
 from ropekit.methods.registry import (
+    HF_FIXED_KEYS,
     METHOD_ALIASES,
     Frequencies,
+    GGUFExport,
     MethodSpec,
     Param,
+    baseline_label,
     canonical_name,
     get_method,
+    hf_keys,
     hf_rope_keys,
     method_fields,
     method_names,
     parameters,
     readers,
     register,
+    run_label,
     unregister,
 )
 
-__all__ = ["METHOD_ALIASES", "Frequencies", "MethodSpec", "Param", "canonical_name", "frequencies", "get_method",
-           "hf_rope_keys", "method_fields", "method_names", "parameters", "read_factors_file", "readers", "register",
-           "unregister"]
+__all__ = ["HF_FIXED_KEYS", "METHOD_ALIASES", "Frequencies", "GGUFExport", "MethodSpec", "Param", "baseline_label", "canonical_name",
+           "frequencies", "get_method", "hf_keys", "hf_rope_keys", "method_fields", "method_names", "parameters",
+           "read_factors_file", "readers", "register", "run_label", "unregister"]
 
 
 def frequencies(cfg, seq_len: int | None = None) -> Frequencies:

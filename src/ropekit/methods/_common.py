@@ -1,10 +1,20 @@
-"""Shared float64 maths for the scaling methods."""
+"""Shared float64 maths for the scaling methods, and YaRN's ramp parameters, whose defaults that maths uses
+(their one home: ``ropekit.methods.yarn`` and the GGUF reader import them from here)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from ropekit.methods.registry import Param
+
+BETA_FAST = Param("beta_fast", "float", "ramp starts at pairs turning this often in the trained length",
+                  default=32.0, minimum=0.0, exclusive=True, hf_key="beta_fast", gguf_key="scaling.yarn_beta_fast")
+BETA_SLOW = Param("beta_slow", "float", "ramp ends at pairs turning this often in the trained length",
+                  default=1.0, minimum=0.0, exclusive=True, hf_key="beta_slow", gguf_key="scaling.yarn_beta_slow")
+TRUNCATE = Param("truncate", "bool", "round the ramp bounds to whole pairs (floor/ceil)", default=True,
+                 hf_key="truncate")
 
 
 def default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
@@ -49,12 +59,12 @@ def yarn_inv_freq(cfg, factor: float) -> torch.Tensor:
     dim = cfg.rotary_dim
     inv = default_inv_freq(cfg.base, dim)
     low, high = yarn_correction_range(
-        cfg.beta_fast if cfg.beta_fast is not None else 32.0,
-        cfg.beta_slow if cfg.beta_slow is not None else 1.0,
+        cfg.beta_fast if cfg.beta_fast is not None else BETA_FAST.default,
+        cfg.beta_slow if cfg.beta_slow is not None else BETA_SLOW.default,
         dim,
         cfg.base,
         cfg.original_max_position,
-        True if cfg.truncate is None else cfg.truncate,
+        TRUNCATE.default if cfg.truncate is None else cfg.truncate,
     )
     # gamma = 1 keeps the original frequency (extrapolation), gamma = 0 interpolates.
     gamma = 1.0 - linear_ramp(low, high, dim // 2)

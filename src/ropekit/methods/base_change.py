@@ -9,7 +9,7 @@ length (8k ~ 8.4e4, 32k ~ 6.4e5, 128k ~ 7.8e6); see ``suggested_base``. Attentio
 import math
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import MethodSpec, Param, register
+from ropekit.methods.registry import GGUFExport, MethodSpec, Param, register
 
 NEW_BASE = Param("new_base", "float", "the new rope_theta (e.g. 500000)", minimum=1.0, exclusive=True)
 
@@ -41,6 +41,8 @@ def to_hf(cfg) -> dict:
 
 SPEC = register(
     MethodSpec("base", compute, params=(NEW_BASE,), required=("new_base",), to_hf=to_hf,
-               describe=lambda cfg: f"base -> {cfg.new_base:.4g}",
+               to_gguf=lambda cfg, freqs: GGUFExport(freq_base=cfg.new_base),
+               suggested_base=suggested_base, describe=lambda cfg: f"base -> {cfg.new_base:.4g}",
+               label=lambda cfg: f"base {cfg.new_base:g}",
                summary="base-frequency change (ABF) to new_base")
 )

@@ -6,7 +6,7 @@ No scaling; attention scale 1.
 """
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import MethodSpec, register
+from ropekit.methods.registry import GGUFExport, MethodSpec, register
 
 
 def compute(cfg, seq_len=None):
@@ -14,5 +14,7 @@ def compute(cfg, seq_len=None):
 
 
 SPEC = register(
-    MethodSpec("default", compute, hf_type="default", gguf_type="none", summary="plain RoPE, no scaling")
+    MethodSpec("default", compute, hf_type="default", gguf_type="none", to_gguf=lambda cfg, freqs: GGUFExport(),
+               unscaled=True,
+               summary="plain RoPE, no scaling")
 )

@@ -24,6 +24,7 @@ from ropekit.methods.registry import (
     FACTOR,
     ORIGINAL_MAX_POSITION,
     Frequencies,
+    GGUFExport,
     MethodSpec,
     Param,
     register,
@@ -36,13 +37,19 @@ LONG_FACTOR = Param("long_factor", "float_list", "per-pair divisors for sequence
 N_HAT = Param("n_hat", "int", "leading positions kept at the original rotation (0: none)", default=0, minimum=0)
 
 
+def default_attention_scale(factor: float | None, original: int | None) -> float:
+    """sqrt(1 + ln(s) / ln(L)) for s > 1, else 1: the scale when no attention_factor is given (the GGUF reader
+    compares a file's with it)."""
+    if not factor or factor <= 1.0 or not original:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def attention_scale(cfg) -> float:
     if cfg.attention_factor is not None:
         return float(cfg.attention_factor)
     factor = cfg.factor if cfg.factor is not None else cfg.target_length / cfg.original_max_position
-    if factor <= 1.0:
-        return 1.0
-    return math.sqrt(1 + math.log(factor) / math.log(cfg.original_max_position))
+    return default_attention_scale(factor, cfg.original_max_position)
 
 
 def compute(cfg, seq_len):
@@ -55,6 +62,17 @@ def compute(cfg, seq_len):
         unscaled_until=int(cfg.n_hat or 0),
         original_inv_freq64=original if cfg.n_hat else None,
     )
+
+
+def to_gguf(cfg, freqs) -> GGUFExport:
+    """llama.cpp's longrope: both factor tensors, the trained length (the long/short switch), the attention
+    factor always (llama.cpp derives none for it)."""
+    if cfg.n_hat:
+        raise ValueError("n_hat: llama.cpp rotates every position with the LongRoPE factors; set n_hat=0")
+    return GGUFExport(keys={ORIGINAL_MAX_POSITION.gguf_key: int(cfg.original_max_position),
+                            "scaling.attn_factor": float(freqs.attention_scale)},
+                      tensors={"rope_factors_long": tuple(cfg.long_factor),
+                               "rope_factors_short": tuple(cfg.short_factor)})
 
 
 def read_factors_file(path: str | Path) -> dict[str, Any]:
@@ -87,9 +105,11 @@ SPEC = register(
         params=(SHORT_FACTOR, LONG_FACTOR, ORIGINAL_MAX_POSITION, FACTOR, ATTENTION_FACTOR, N_HAT),
         required=("short_factor", "long_factor", "original_max_position"),
         length_dependent=True,
+        needs_searched_factors=True,
         hf_type="longrope",
         hf_factor_from_lengths=True,
         gguf_type="longrope",
+        to_gguf=to_gguf,
         describe=lambda cfg: "the model's per-pair factors (long)",
         summary="LongRoPE: searched per-pair factors (short/long), first n_hat positions unscaled",
     )

@@ -7,7 +7,7 @@ transformers expresses it as plain RoPE with the new ``rope_theta``.
 """
 
 from ropekit.methods._common import default_inv_freq
-from ropekit.methods.registry import FACTOR, MethodSpec, register
+from ropekit.methods.registry import FACTOR, GGUFExport, MethodSpec, register
 
 
 def ntk_base(base: float, factor: float, rotary_dim: int) -> float:
@@ -31,8 +31,14 @@ def to_hf(cfg) -> dict:
     return {"rope_type": "default", "rope_theta": ntk_base(cfg.base, cfg.factor, cfg.rotary_dim)}
 
 
+def to_gguf(cfg, freqs) -> GGUFExport:
+    # llama.cpp has no NTK type either: plain RoPE at the NTK base.
+    return GGUFExport(freq_base=ntk_base(cfg.base, cfg.factor, cfg.rotary_dim))
+
+
 SPEC = register(
-    MethodSpec("ntk", compute, params=(FACTOR,), required=("factor",), to_hf=to_hf, check=check_rotary_dim,
+    MethodSpec("ntk", compute, params=(FACTOR,), required=("factor",), to_hf=to_hf, to_gguf=to_gguf,
+               check=check_rotary_dim,
                describe=lambda cfg: f"base -> {ntk_base(cfg.base, cfg.factor, cfg.rotary_dim):.4g}",
                summary="fixed NTK-aware base change b * s^(d/(d-2))")
 )

@@ -37,6 +37,13 @@ def check(cfg) -> None:
         raise ValueError(f"rotated_fraction: must be in (0, 1], got {fraction}")
 
 
+def check_extend(cfg, method: str) -> None:
+    """Another method would start rotating the still pairs: a proportional RoPE extends only as itself."""
+    if (cfg.rotated_fraction or 1.0) < 1.0:
+        raise ValueError(f"method: this RoPE is proportional (only part of its pairs rotate); {method!r} would "
+                         f"rotate the others too; extend it with 'proportional' (its factor)")
+
+
 def to_hf(cfg) -> dict:
     out = {"rope_type": "proportional", "rope_theta": cfg.base}
     if cfg.factor is not None and cfg.factor != 1.0:
@@ -52,7 +59,9 @@ SPEC = register(
         compute,
         params=(FACTOR, ROTATED_FRACTION),
         to_hf=to_hf,
+        hf_partial_rotary="rotated_fraction",
         check=check,
+        check_extend=check_extend,
         comparable=False,
         describe=lambda cfg: f"{rotated_pairs(cfg)} of {cfg.rotary_dim // 2} pairs rotate (proportional)",
         summary="Gemma 4 proportional RoPE: the first pairs rotate at full-head exponents, the rest stay still",

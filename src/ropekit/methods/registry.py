@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ropekit.config import RopeConfig
+# A ``ropekit.config.RopeConfig`` in the hints below: that module imports this one, so this one does not import
+# it back, not even for type hints (the methods read a config's fields, never its class).
+RopeConfig = Any
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class Param:
         exclusive: see ``minimum``.
         flag: the CLI option that sets it (``--beta-fast``); several fields may share one (``--factors-file``).
         hf_key: its key in a transformers ``rope_parameters`` dict, or None where transformers has none.
-        gguf_key: its GGUF metadata key after ``<arch>.rope.``, or None where GGUF has none.
+        gguf_key: its GGUF metadata key after ``<arch>.rope.``, or None where GGUF has none (the methods'
+            ``to_gguf`` write it there).
         bound_note: words appended to a bound error, saying why the bound holds.
     """
 
@@ -200,6 +202,27 @@ ATTENTION_FACTOR = Param("attention_factor", "float",
                          exclusive=True, hf_key="attention_factor")
 
 
+# ---------------------------------------------------------------------- GGUF
+@dataclass(frozen=True)
+class GGUFExport:
+    """What a method writes into a GGUF file for llama.cpp (``MethodSpec.to_gguf``), in llama.cpp's terms.
+
+    Attributes:
+        keys: ``{key after "<arch>.rope.": value}`` besides ``scaling.type`` (``MethodSpec.gguf_type``);
+            str, int or float values, written as STRING, UINT32, FLOAT32.
+        tensors: ``{tensor base name ("rope_freqs", "rope_factors_long", ...): one value per pair}``.
+        freq_base: a new ``rope.freq_base`` (the method is plain RoPE at another base), or None: the config's.
+        attention_relative_to: the cos/sin multiplier llama.cpp already applies for these keys (YaRN's
+            0.1 ln s + 1); the rest of the method's attention scale is written as ``scaling.attn_factor``
+            (unless ``keys`` sets it).
+    """
+
+    keys: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    freq_base: float | None = None
+    attention_relative_to: float = 1.0
+
+
 # ---------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class MethodSpec:
@@ -220,10 +243,28 @@ class MethodSpec:
         hf_trained_from_max_position: transformers takes this method's trained length from
             ``max_position_embeddings`` (its dynamic NTK), not ``original_max_position_embeddings``.
         hf_factor_from_lengths: transformers derives a missing factor as max_position_embeddings / trained.
-        gguf_type: the ``rope.scaling.type`` llama.cpp writes for it, or None.
+        hf_partial_rotary: the param transformers' ``partial_rotary_factor`` sets for this rope_type instead of
+            the rotary dimension (Gemma 4's proportional: ``rotated_fraction``), or None.
+        gguf_type: llama.cpp's ``rope.scaling.type`` for it ("none" for plain RoPE), or None where llama.cpp
+            has none: written by the GGUF export, and the method a file of that type reads as.
+        to_gguf: ``(cfg, Frequencies) -> GGUFExport``: how the GGUF export writes it (ValueError naming the
+            field llama.cpp cannot express). None: a static method is written as per-pair divisors
+            (``rope_freqs``), a length-dependent one is refused.
+        from_gguf: ``(base, rotary_dim, divisors, trained length or None) -> params or None``: recognises a GGUF
+            file's per-pair divisors (``rope_freqs``, read at ``base``) as this method, with these params.
         comparable: ``ropekit compare`` runs it.
+        unscaled: plain RoPE, no scaling at any length: ``compare`` plans it as the model's own frequencies
+            (``RopeConfig.with_method``), not at a factor.
+        needs_searched_factors: its per-pair factors come from a search (``ropekit search``) or the model's
+            config, never from the factor alone: ``compare`` runs it only with such factors, also beside a
+            model that already uses it.
+        suggested_base: for a method that replaces the base instead of scaling by a factor: ``target length
+            -> the new_base it picks``; ``compare`` plans it so (and skips it when that is not above the model's).
         describe: ``cfg -> str``, a few words ``ropekit inspect`` shows for the method at that config.
+        label: ``cfg -> str``, how a report names a run of it (``run_label``); None: "name xfactor".
         check: ``cfg -> None``, checks across fields (ValueError naming the field), after each param's own.
+        check_extend: ``(cfg, other method name) -> None``: ValueError when a config of this method cannot be
+            extended with another method (``RopeConfig.extend``), or None.
         summary: one line for help texts.
     """
 
@@ -238,10 +279,18 @@ class MethodSpec:
     hf_defaults: tuple[str, ...] = ()
     hf_trained_from_max_position: bool = False
     hf_factor_from_lengths: bool = False
+    hf_partial_rotary: str | None = None
     gguf_type: str | None = None
+    to_gguf: Callable[[RopeConfig, Frequencies], GGUFExport] | None = None
+    from_gguf: Callable[[float, int, tuple, int | None], dict | None] | None = None
     comparable: bool = True
+    unscaled: bool = False
+    needs_searched_factors: bool = False
+    suggested_base: Callable[[int], float] | None = None
     describe: Callable[["RopeConfig"], str] | None = None
+    label: Callable[["RopeConfig"], str] | None = None
     check: Callable[["RopeConfig"], None] | None = None
+    check_extend: Callable[["RopeConfig", str], None] | None = None
     summary: str = ""
 
     def __post_init__(self) -> None:
@@ -361,6 +410,28 @@ def method_fields() -> tuple[str, ...]:
     return tuple(p.field for p, _ in parameters())
 
 
+def run_label(cfg: RopeConfig) -> str:
+    """How reports name a run of ``cfg``: its method's ``label`` hook, else "yarn x2" (the name alone unscaled)."""
+    spec = get_method(cfg.method)
+    if spec.label is not None:
+        return spec.label(cfg)
+    return cfg.method if cfg.factor is None else f"{cfg.method} x{cfg.factor:g}"
+
+
+def baseline_label(cfg: RopeConfig) -> str:
+    """How reports name the model's own RoPE ``cfg``: "default", or "yarn (model's own)" for a scaled one."""
+    return cfg.method if get_method(cfg.method).unscaled else f"{cfg.method} (model's own)"
+
+
 def hf_rope_keys() -> dict[str, str]:
     """transformers ``rope_parameters`` key -> RopeConfig field, for every parameter that has one."""
     return {p.hf_key: p.field for p, _ in parameters() if p.hf_key}
+
+
+# Keys of a transformers rope_parameters dict that are not method parameters (None: handled apart).
+HF_FIXED_KEYS = {"rope_type": None, "type": None, "rope_theta": None, "partial_rotary_factor": None}
+
+
+def hf_keys() -> dict[str, str | None]:
+    """Keys of a transformers rope_parameters / rope_scaling dict -> RopeConfig fields (None: handled apart)."""
+    return {**HF_FIXED_KEYS, **hf_rope_keys()}

@@ -11,19 +11,27 @@ where m(s, a) = 0.1 a ln(s) + 1. The scale multiplies cos and sin, so logits sca
 
 import math
 
-from ropekit.methods._common import yarn_attention_scale, yarn_inv_freq, yarn_mscale
-from ropekit.methods.registry import ATTENTION_FACTOR, FACTOR, ORIGINAL_MAX_POSITION, MethodSpec, Param, register
-
-BETA_FAST = Param("beta_fast", "float", "ramp starts at pairs turning this often in the trained length",
-                  default=32.0, minimum=0.0, exclusive=True, hf_key="beta_fast")
-BETA_SLOW = Param("beta_slow", "float", "ramp ends at pairs turning this often in the trained length",
-                  default=1.0, minimum=0.0, exclusive=True, hf_key="beta_slow")
-TRUNCATE = Param("truncate", "bool", "round the ramp bounds to whole pairs (floor/ceil)", default=True,
-                 hf_key="truncate")
+from ropekit.methods._common import (  # noqa: F401  (BETA_FAST, BETA_SLOW, TRUNCATE: defined with the ramp maths)
+    BETA_FAST,
+    BETA_SLOW,
+    TRUNCATE,
+    yarn_attention_scale,
+    yarn_inv_freq,
+    yarn_mscale,
+)
+from ropekit.methods.registry import (
+    ATTENTION_FACTOR,
+    FACTOR,
+    ORIGINAL_MAX_POSITION,
+    GGUFExport,
+    MethodSpec,
+    Param,
+    register,
+)
 MSCALE = Param("mscale", "float", "DeepSeek: mscale of the attention factor m(s, mscale) / m(s, mscale_all_dim)",
                hf_key="mscale")
 MSCALE_ALL_DIM = Param("mscale_all_dim", "float", "DeepSeek: mscale_all_dim of the attention factor",
-                       hf_key="mscale_all_dim", gguf_key="scaling.yarn_log_multiplier")
+                       hf_key="mscale_all_dim")
 # The parameters YaRN and dynamic YaRN share (besides factor and the trained length).
 YARN_PARAMS = (BETA_FAST, BETA_SLOW, TRUNCATE, ATTENTION_FACTOR, MSCALE, MSCALE_ALL_DIM)
 YARN_FIELDS = tuple(p.field for p in YARN_PARAMS)
@@ -59,6 +67,21 @@ def compute(cfg, seq_len=None):
     return yarn_inv_freq(cfg, cfg.factor), yarn_attention_scale(cfg, cfg.factor)
 
 
+def to_gguf(cfg, freqs) -> GGUFExport:
+    """llama.cpp's yarn: factor, trained length, the ramp's bounds where not its defaults; the attention scale
+    over the 0.1 ln s + 1 llama.cpp applies itself."""
+    if cfg.truncate is False:
+        raise ValueError("truncate: llama.cpp always rounds YaRN's ramp bounds to whole pairs (floor/ceil); "
+                         "set truncate=true")
+    s = float(cfg.factor)
+    keys = {FACTOR.gguf_key: s, ORIGINAL_MAX_POSITION.gguf_key: int(cfg.original_max_position)}
+    for param in (BETA_FAST, BETA_SLOW):
+        value = getattr(cfg, param.field)
+        if value is not None and value != param.default:
+            keys[param.gguf_key] = float(value)
+    return GGUFExport(keys=keys, attention_relative_to=yarn_mscale(s, 1.0))
+
+
 SPEC = register(
     MethodSpec(
         "yarn",
@@ -68,6 +91,7 @@ SPEC = register(
         hf_type="yarn",
         hf_factor_from_lengths=True,
         gguf_type="yarn",
+        to_gguf=to_gguf,
         check=check_yarn,
         describe=lambda cfg: "NTK-by-parts ramp + temperature",
         summary="YaRN: NTK-by-parts ramp plus attention temperature",

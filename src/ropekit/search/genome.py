@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 
 from ropekit.config import RopeConfig
-from ropekit.methods import frequencies
+from ropekit.methods import canonical_name, frequencies
 from ropekit.methods._common import default_inv_freq
 
 GENE_MODES = ("critical", "all")
@@ -72,7 +72,7 @@ def critical_dimension(rotary_dim: int, base: float, trained_length: int) -> int
 def method_factors(base_cfg: RopeConfig, method: str, target_length: int) -> tuple[tuple[float, ...], float]:
     """(per-pair factors lambda_i = inv_freq_i / inv_freq'_i, attention scale) of ``method`` extending
     ``base_cfg`` to ``target_length``: the rescale factors that method amounts to, in LongRoPE's form."""
-    name = {"pi": "linear"}.get(method, method)
+    name = canonical_name(method)
     cfg = base_cfg.extend(name, target_length=target_length)
     freqs = frequencies(cfg, target_length)
     original = default_inv_freq(base_cfg.base, base_cfg.rotary_dim)
@@ -92,7 +92,7 @@ def seed_factors(base_cfg: RopeConfig, target_length: int, methods: Sequence[str
 
 def _has_own_factors(base_cfg: RopeConfig) -> bool:
     """A LongRoPE model with long factors of the right size (the ``"own"`` seed)."""
-    return bool(base_cfg.method == "longrope" and base_cfg.long_factor
+    return bool(base_cfg.long_factor  # set only where the method reads it (LongRoPE)
                 and len(base_cfg.long_factor) == base_cfg.rotary_dim // 2)
 
 

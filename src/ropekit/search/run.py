@@ -1,4 +1,5 @@
-"""``search_factors``: the whole search on a loaded model, with its output folder; ``shipped_factors``."""
+"""``search_factors``: the whole search on a loaded model, with its output folder (``shipped_factors`` lives in
+``ropekit.shipped``, below evaluation; re-exported here)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ropekit.search.genome import (
     seed_attentions,
     seed_factors,
 )
+from ropekit.shipped import SHIPPED_DIR, shipped_factors  # noqa: F401 - re-exported: users import them here
 
 STATE_FILE = "search-state.json"
 LOG_FILE = "search-log.json"
@@ -31,9 +33,6 @@ PROGRESS_PLOT = "progress.png"
 FACTORS_PLOT = "factors.png"
 OUTPUT_FILES = (STATE_FILE, LOG_FILE, FACTORS_FILE, PROGRESS_PLOT, FACTORS_PLOT)
 COMMAND = "search"
-# Where ropekit keeps the factors it ships: the repository's searches/ folder, reached through the link
-# ropekit/search/shipped, which installs as package data (so a wheel install finds them too).
-SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
 @dataclass
@@ -309,39 +308,3 @@ def factors_config(loaded_or_rope, factors: dict[str, Any]):
     base = loaded_or_rope.rope if isinstance(loaded_or_rope, LoadedModel) else loaded_or_rope
     return longrope_config(base, int(factors["max_position_embeddings"]), factors["long_factor"],
                            float(factors["attention_factor"]))
-
-
-def shipped_factors(model_source: str | None, target_length: int, folder: str | Path | None = None) -> Path | None:
-    """The factors file ropekit ships for ``model_source`` at ``target_length`` (``searches/*.json`` whose
-    ``search.model`` names the model and whose ``max_position_embeddings`` is the target), or None.
-
-    ``model_source``: what ``load_model`` takes ("demo" or None for the bundled SmolLM2; its GGUF path counts as
-    "demo" too); others match the ``search.model`` string exactly.
-    """
-    root = Path(folder) if folder is not None else SHIPPED_DIR
-    if not root.is_dir():
-        return None
-    names = {str(model_source)}
-    if model_source in (None, "demo"):
-        names = {"demo"}
-    else:
-        try:
-            from ropekit.hf.load import demo_model_path
-
-            if Path(str(model_source)).expanduser().resolve() == demo_model_path().resolve():
-                names.add("demo")
-        except Exception:  # noqa: BLE001 - no demo package installed: only exact names match
-            pass
-    for path in sorted(root.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(data, dict):
-            continue
-        model = (data.get("search") or {}).get("model")
-        if model in names and int(data.get("max_position_embeddings") or 0) == int(target_length) \
-                and "long_factor" in data and "short_factor" in data:
-            return path
-    return None
-

@@ -1,5 +1,5 @@
 """Fine-tuning at longer lengths: data packing, PoSE windows, mixed windows, the training loop, scaling out
-(data and context parallel), and the study."""
+(data and context parallel). The study that uses them is ``ropekit.study``."""
 
 from ropekit.training.data import (
     ByteTokenizer,
@@ -12,7 +12,9 @@ from ropekit.training.data import (
 )
 from ropekit.training.context_parallel import ShardLayout, context_parallel_attention, shard_batch
 from ropekit.training.distributed import gather_sequence, shard_indices, shard_sequence, unshard_sequence
-from ropekit.training.finetune import FinetuneSettings, TrainResult, finetune, train
+from ropekit.training.finetune import finetune
+from ropekit.training.loop import TrainResult, train
+from ropekit.training.settings import FinetuneSettings
 from ropekit.training.pose import PoseSpec, pose_position_ids, pose_windows
 
 __all__ = [
