@@ -60,3 +60,24 @@ def stdlib_text() -> str:
 
 def pytest_report_header(config):
     return f"python {sys.version.split()[0]}, torch {torch.__version__}"
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if any model's weights are loaded (bad input must be refused first)."""
+    import ropekit.hf
+    import ropekit.hf.load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(ropekit.hf, "load_model", refuse)
+    monkeypatch.setattr(ropekit.hf.load, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A short plain-text file (60 lines) for commands that need --data."""
+    path = tmp_path_factory.mktemp("text") / "doc.txt"
+    path.write_text("".join(f"Line {i}: a stitch in time saves nine.\n" for i in range(60)), encoding="utf-8")
+    return path

@@ -5,33 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-import ropekit.hf
-from ropekit.cli import build_app, main
+from cli_checks import invoke, one_error_line
+from ropekit.cli import main
 from ropekit.output import MANIFEST
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(build_app(), [str(a) for a in args])
-
-
-def one_error_line(result, option: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {option}"), result.stderr
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "doc.txt"
-    path.write_text("".join(f"Line {i}: a stitch in time saves nine.\n" for i in range(60)), encoding="utf-8")
-    return path
-
 
 @pytest.fixture
 def user_dir(tmp_path):
@@ -39,15 +15,6 @@ def user_dir(tmp_path):
     folder.mkdir()
     (folder / "thesis.txt").write_text("years of work")
     return folder
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if any model's weights are loaded."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(ropekit.hf, "load_model", refuse)
 
 
 # ---------------------------------------------------------------------- a user's folder is refused, before any work

@@ -7,54 +7,22 @@ from __future__ import annotations
 
 import errno
 import json
-import re
 import shutil
 
 import pytest
-from typer.testing import CliRunner
+from cli_checks import invoke, one_error_line
 
 import ropekit.hf
-from ropekit.cli import build_app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(build_app(), [str(a) for a in args])
-
-
-PROGRESS = re.compile(r"\d+%\|")  # a tqdm progress bar ("Loading weights: 100%|####| 21/21")
-
-
-def one_error_line(result, *fragments: str, progress: bool = False) -> str:
-    """Exit 2, no traceback, exactly one non-empty stderr line ``error: ...`` holding every fragment
-    (``progress``: besides the progress bars of a load that did happen)."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines()
-             if line.strip() and not (progress and PROGRESS.search(line))]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "doc.txt"
-    path.write_text("".join(f"Line {i}: a stitch in time saves nine.\n" for i in range(60)), encoding="utf-8")
-    return path
 
 
 @pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if a model's weights or tokenizer are loaded: every problem here is found first."""
+def no_loading(no_loading, monkeypatch):
+    """Also fail the test if transformers loads a model or a tokenizer: every problem here is found first."""
     import transformers
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was refused")
+        raise AssertionError("a model or tokenizer was loaded before the bad input was refused")
 
-    monkeypatch.setattr(ropekit.hf, "load_model", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
 

@@ -13,37 +13,21 @@ import pytest
 import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
-
+import cli_checks
 import ropekit.hf
 import ropekit.hf.load
+from cli_checks import invoke
 from ropekit.cli import build_app
 
-runner = CliRunner()
 FIXTURES = [HealthCheck.function_scoped_fixture]
-
-
-def invoke(*args):
-    return runner.invoke(build_app(), [str(a) for a in args])
 
 
 def one_error_line(result, option: str) -> str:
     """The one stderr line of a usage error naming ``option`` (as typed: ``--lengths``, ``MODEL``)."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {option}:"), result.stderr
-    return lines[0]
+    return cli_checks.one_error_line(result, f"{option}:")
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if any model's weights are loaded."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(ropekit.hf, "load_model", refuse)
-    monkeypatch.setattr(ropekit.hf.load, "load_model", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ compiled path runs), and through the compiled default path on a few cases (each 
 """
 
 import json
+import threading
 
 import pytest
 import torch
@@ -17,6 +18,15 @@ from ropekit.rotation import resolve_positions
 from backend_checks import backward_through
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def run_in_threads(work, count: int) -> None:
+    """``work(i)`` in ``count`` threads at once, joined."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def _close(a, b, dtype):
@@ -90,8 +100,6 @@ def test_inplace_in_several_chunks_heads_first_and_last(monkeypatch):
 
 def test_inplace_from_two_threads_at_once(monkeypatch):
     """Each thread has its own scratch buffer: concurrent in-place rotations do not mix."""
-    import threading
-
     monkeypatch.setattr(cpu, "INPLACE_CHUNK_BYTES", 4096)
     f = ropekit.frequencies(RopeConfig(head_dim=32, method="linear", factor=2.0))
     gen = torch.Generator().manual_seed(9)
@@ -110,11 +118,7 @@ def test_inplace_from_two_threads_at_once(monkeypatch):
         except Exception as err:  # reported in the main thread
             errors.append(err)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, 4)
     assert not errors, errors[0]
 
 
@@ -278,8 +282,6 @@ def test_table_cache_is_owned_by_the_module_and_a_plain_call_by_its_frequencies(
 
 
 def test_table_cache_serves_threads_sharing_one_owner():
-    import threading
-
     cache = cpu.TableCache(entries=2)
     f = ropekit.frequencies(RopeConfig(head_dim=32))
     positions = [torch.arange(n)[None] + n for n in range(1, 7)]
@@ -296,11 +298,7 @@ def test_table_cache_serves_threads_sharing_one_owner():
         except Exception as err:  # reported in the main thread
             errors.append(err)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, 4)
     assert not errors, errors[0]
     assert len(cache) <= 4
 

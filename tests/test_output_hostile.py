@@ -14,10 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
-
-import ropekit.hf
-from ropekit.cli import build_app
+from cli_checks import invoke, one_error_line
 from ropekit.output import (
     MANIFEST,
     STAGING_PREFIX,
@@ -29,21 +26,6 @@ from ropekit.output import (
     read_manifest,
     record,
 )
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(build_app(), [str(a) for a in args])
-
-
-def one_error_line(result, option: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {option}"), result.stderr
-    return lines[0]
-
 
 def plant(folder: Path, entries: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,14 +58,6 @@ def victim(tmp_path):
     (folder / "keep.txt").write_text("precious")
     (folder / "abs.txt").write_text("precious")
     return folder
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(ropekit.hf, "load_model", refuse)
 
 
 # ---------------------------------------------------------------------- the reproduction, through the CLI

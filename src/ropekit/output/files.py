@@ -8,7 +8,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 MANIFEST = ".ropekit-output.json"
 STAGING_PREFIX = ".ropekit-staging-"
@@ -96,14 +96,16 @@ def disk_full_error(exc: OSError, path: Path) -> OSError:
     return exc
 
 
-def write_file_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (ordinary mode)."""
+def replace_via_temporary(path: str | Path, writer: Callable[[Path], Any]) -> Path:
+    """``writer(tmp)`` writes a temporary file beside ``path`` (same suffix, so format-guessing writers such as
+    ``savefig`` work), which then gets the ordinary mode and is renamed onto ``path``; on any error the temporary
+    file is removed and ``path`` is as it was (a full disk is an OSError saying so)."""
     path = Path(path)
     make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        writer(Path(tmp))
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except OSError as exc:
@@ -113,3 +115,9 @@ def write_file_atomic(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_file_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (ordinary mode)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return replace_via_temporary(path, lambda tmp: tmp.write_bytes(payload))

@@ -14,12 +14,12 @@ from ropekit.output.checks import check_output_dir, check_replaceable
 from ropekit.output.files import (
     STAGING_PREFIX,
     OutputError,
-    disk_full_error,
     dir_mode,
     file_digest,
     file_mode,
     make_dirs,
     plain_relative,
+    replace_via_temporary,
 )
 from ropekit.output.manifest import Entry, Manifest, forget, record
 
@@ -33,20 +33,7 @@ def place_own(folder: str | Path, name: str, writer: Callable[[Path], Any], comm
     if rel is None:
         raise ValueError(f"place_own: {name!r} is not a plain relative path")
     check_replaceable(folder, rel, option=option)
-    target = folder / rel
-    make_dirs(target.parent)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix or ".tmp")
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise disk_full_error(exc, target) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    target = replace_via_temporary(folder / rel, writer)
     record(folder, [rel], command, option=option)
     return target
 
