@@ -95,6 +95,26 @@ def test_per_layer_rope_needs_layer_type():
         RopeConfig.from_hf(hf(), layer_type="full_attention")
 
 
+def test_nested_rope_parameters_alike_for_every_type_accept_an_explicit_layer_type():
+    """Issue 19: transformers v5's nested rope_parameters (one entry per layer type) with the same RoPE for every
+    type read as that RoPE with or without layer_type; an unknown type or one without RoPE is still refused."""
+    same = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 4096}
+    nested = hf(max_position_embeddings=4096, layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"full_attention": dict(same), "sliding_attention": dict(same)})
+    plain = RopeConfig.from_hf(nested)
+    assert (plain.method, plain.factor, plain.base) == ("yarn", 4.0, 1e6)
+    assert RopeConfig.from_hf(nested, layer_type="full_attention") == plain
+    assert RopeConfig.from_hf(nested, layer_type="sliding_attention") == plain
+    with pytest.raises(ValueError, match="layer_type: 'chunked_attention' not in this config; accepted: "
+                                         "full_attention, sliding_attention"):
+        RopeConfig.from_hf(nested, layer_type="chunked_attention")
+    no_rope = hf(layer_types=["sliding_attention", "full_attention"],
+                 rope_parameters={"full_attention": None, "sliding_attention": {"rope_type": "default"}})
+    with pytest.raises(ValueError, match="layer_type: the 'full_attention' layers have no RoPE"):
+        RopeConfig.from_hf(no_rope, layer_type="full_attention")
+    assert RopeConfig.from_hf(no_rope, layer_type="sliding_attention") == RopeConfig.from_hf(no_rope)
+
+
 def test_unknown_keys_warn_once():
     d = hf(rope_parameters={"rope_type": "default", "zz_unknown_once": 1})
     with pytest.warns(UserWarning, match="rope_parameters: unknown key 'zz_unknown_once' ignored"):
@@ -107,6 +127,28 @@ def test_unknown_keys_warn_once():
 def test_keys_the_method_does_not_read_warn():
     with pytest.warns(UserWarning, match="key 'beta_fast' is not used by rope_type 'linear'"):
         RopeConfig.from_hf(hf(rope_scaling={"type": "linear", "factor": 2.0, "beta_fast": 32}))
+
+
+def test_yarn_factor_that_disagrees_with_the_lengths_warns_once_as_transformers_does():
+    """Issue 19: transformers warns when a YaRN factor is not max_position_embeddings /
+    original_max_position_embeddings (and that ratio is not 1); ropekit warns the same, once, and keeps the
+    explicit factor."""
+    odd = hf(max_position_embeddings=32768 + 17,
+             rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096})
+    with pytest.warns(UserWarning, match=r"YaRN factor 4.0 does not match .* 32785 / 4096 = 8.004"):
+        cfg = RopeConfig.from_hf(odd)
+    assert cfg.factor == 4.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RopeConfig.from_hf(odd)  # once per process
+        # Quiet where transformers is: the ratio matches, or it is 1 (Qwen2.5's max_position_embeddings kept at
+        # the trained length), or the factor comes from the lengths.
+        RopeConfig.from_hf(hf(max_position_embeddings=16384, rope_scaling={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}))
+        RopeConfig.from_hf(hf(max_position_embeddings=4096, rope_scaling={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}))
+        RopeConfig.from_hf(hf(max_position_embeddings=8192, rope_scaling={
+            "rope_type": "yarn", "original_max_position_embeddings": 4096}))
 
 
 def test_overrides_and_replace_and_with_method():

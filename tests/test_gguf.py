@@ -34,6 +34,9 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if fld is None else fld.contents()
 
 
+LLAMA_CPP_YARN_KEY_ARCHS = {"grok", "laguna", "mistral3"}
+
+
 def llama_cpp_rope(path, pos: int = 1):
     """(theta of every pair at position ``pos``, cos/sin multiplier) as llama.cpp computes them for ``path``
     (a GGUF file or a ``gguf.GGUFReader`` of one).
@@ -57,10 +60,12 @@ def llama_cpp_rope(path, pos: int = 1):
     freq_scale = 1.0 if ropescale == 0 else 1.0 / ropescale
     if scaling == "none":
         freq_scale = 1.0
-    ext = k("rope.scaling.yarn_ext_factor", -1.0)
+    # The YaRN ramp keys: read by a few architectures' loaders only (grok, laguna, mistral3); defaults elsewhere.
+    ramp = k if arch in LLAMA_CPP_YARN_KEY_ARCHS else (lambda s, d=None: d)
+    ext = ramp("rope.scaling.yarn_ext_factor", -1.0)
     if ext < 0:
         ext = 1.0 if scaling == "yarn" else 0.0
-    beta_fast, beta_slow = k("rope.scaling.yarn_beta_fast", 32.0), k("rope.scaling.yarn_beta_slow", 1.0)
+    beta_fast, beta_slow = ramp("rope.scaling.yarn_beta_fast", 32.0), ramp("rope.scaling.yarn_beta_slow", 1.0)
     attn = k("rope.scaling.yarn_attn_factor", 1.0)
     if ext != 0:
         mscale = lambda s, m: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
@@ -263,18 +268,52 @@ def test_yarn_keys_betas_and_attn_factor(tmp_path):
     keys = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 32768,
             "rope.scaling.yarn_beta_fast": 16.0, "rope.scaling.yarn_beta_slow": 2.0, "rope.scaling.attn_factor": 0.9,
             "rope.freq_base": 1e6}
-    path = write_gguf_file(tmp_path / "yarn.gguf", arch="qwen2", heads=2, head_dim=64, context=131072, keys=keys)
+    path = write_gguf_file(tmp_path / "yarn.gguf", arch="mistral3", heads=2, head_dim=64, context=131072, keys=keys)
     cfg = RopeConfig.from_gguf(path)
     assert (cfg.method, cfg.factor, cfg.original_max_position, cfg.beta_fast, cfg.beta_slow) == (
         "yarn", 4.0, 32768, 16.0, 2.0)
     assert cfg.attention_factor == pytest.approx(0.9 * (0.1 * math.log(4) + 1), rel=1e-6)
     assert_rotates_like_llama_cpp(path, cfg)
     # ext_factor 0: llama.cpp mixes none of the ramp in, so a yarn file is linear interpolation.
-    path0 = write_gguf_file(tmp_path / "ext0.gguf", heads=2, head_dim=64, context=131072,
+    path0 = write_gguf_file(tmp_path / "ext0.gguf", arch="mistral3", heads=2, head_dim=64, context=131072,
                             keys={**keys, "rope.scaling.yarn_ext_factor": 0.0, "rope.scaling.attn_factor": 1.0})
     linear = RopeConfig.from_gguf(path0)
     assert (linear.method, linear.factor) == ("linear", 4.0)
     assert_rotates_like_llama_cpp(path0, linear)
+
+
+def test_yarn_ramp_keys_only_where_llama_cpp_reads_them(tmp_path):
+    """Issue 19: llama.cpp reads rope.scaling.yarn_beta_fast / yarn_beta_slow / yarn_ext_factor only for a few
+    architectures (grok, laguna, mistral3); any other runs its defaults whatever the file says. ropekit reads the
+    rotation llama.cpp runs, and says which keys it ignored."""
+    keys = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 32768,
+            "rope.scaling.yarn_beta_fast": 24.0, "rope.scaling.yarn_beta_slow": 3.0, "rope.freq_base": 1e6}
+    qwen = write_gguf_file(tmp_path / "qwen2.gguf", arch="qwen2", heads=2, head_dim=64, context=131072, keys=keys)
+    with pytest.warns(UserWarning, match=r"gguf: qwen2.rope.scaling.yarn_beta_fast = 24.0, "
+                                         r"qwen2.rope.scaling.yarn_beta_slow = 3.0 ignored: llama.cpp reads these "
+                                         r"keys only for grok, laguna, mistral3"):
+        cfg = RopeConfig.from_gguf(qwen)
+    assert (cfg.method, cfg.factor, cfg.beta_fast, cfg.beta_slow) == ("yarn", 4.0, None, None)  # the defaults
+    assert_rotates_like_llama_cpp(qwen, cfg)
+    # An ext_factor llama.cpp does not read neither switches the ramp off nor is refused.
+    llama = write_gguf_file(tmp_path / "llama.gguf", heads=2, head_dim=64, context=131072,
+                            keys={**keys, "rope.scaling.yarn_ext_factor": 0.0})
+    with pytest.warns(UserWarning, match=r"llama.rope.scaling.yarn_ext_factor = 0.0, .* ignored"):
+        assert RopeConfig.from_gguf(llama) == cfg
+    odd = write_gguf_file(tmp_path / "odd.gguf", heads=2, head_dim=64, context=131072,
+                          keys={**keys, "rope.scaling.yarn_ext_factor": 0.5})
+    with pytest.warns(UserWarning, match=r"yarn_ext_factor = 0.5"):
+        assert RopeConfig.from_gguf(odd) == cfg
+    # Where llama.cpp reads them, so does ropekit (and a fractional ext_factor is still refused).
+    mistral = write_gguf_file(tmp_path / "mistral3.gguf", arch="mistral3", heads=2, head_dim=64, context=131072,
+                              keys=keys)
+    read = RopeConfig.from_gguf(mistral)
+    assert (read.beta_fast, read.beta_slow) == (24.0, 3.0)
+    assert_rotates_like_llama_cpp(mistral, read)
+    half = write_gguf_file(tmp_path / "half.gguf", arch="mistral3", heads=2, head_dim=64, context=131072,
+                           keys={**keys, "rope.scaling.yarn_ext_factor": 0.5})
+    with pytest.raises(ValueError, match="mistral3.rope.scaling.yarn_ext_factor: 0.5 mixes YaRN's ramp in part"):
+        RopeConfig.from_gguf(half)
 
 
 def test_no_scaling_type_means_llama_cpp_linear(tmp_path):
@@ -333,8 +372,6 @@ def test_mrope_sections_are_kept(tmp_path):
     ({}, {"rope_freqs.weight": [1.0] * 5}, "rope_freqs.weight: needs rope.dimension_count/2 = 8 entries"),
     ({}, {"rope_freqs.weight": [1.0] * 7 + [-2.0]}, "rope_freqs.weight: every entry must be a finite number > 0"),
     ({}, {"rope_factors_long.weight": [1.0] * 8}, "rope_factors_short.weight: missing"),
-    ({"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0, "rope.scaling.yarn_ext_factor": 0.5}, {},
-     "llama.rope.scaling.yarn_ext_factor: 0.5 mixes YaRN's ramp in part"),
     ({"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0}, {"rope_freqs.weight": [2.0] * 8},
      "yarn on top of the rope_freqs tensor"),
     ({"rope.scaling.type": "magic"}, {}, "llama.rope.scaling.type: 'magic' is not supported"),
@@ -388,10 +425,18 @@ def test_export_round_trips_and_rotates_as_llama_cpp(tmp_path, method, params):
     cfg = RopeConfig.from_gguf(source).extend(method, **params)
     out, plan = export_gguf(source, cfg, tmp_path / "out.gguf")
     back = RopeConfig.from_gguf(out)
+    if method == "yarn":
+        # A llama file: llama.cpp runs the default betas from the file alone (ropekit reads that), and
+        # cfg's beta_fast with the serve flags.
+        assert plan.serve_flags == ("--yarn-beta-fast", "16")
+        assert back.beta_fast is None  # the default, 32
+        assert_rotates_like_llama_cpp(out, back)
+        back = back.replace(beta_fast=16.0)
     np.testing.assert_allclose(frequencies(back).inv_freq64, frequencies(cfg).inv_freq64, rtol=1e-6)
     assert frequencies(back).attention_scale == pytest.approx(frequencies(cfg).attention_scale, rel=1e-6)
     assert back.target_length == cfg.target_length == plan.context_length
-    assert_rotates_like_llama_cpp(out, back)
+    if method != "yarn":  # checked above, before the serve flag's beta_fast
+        assert_rotates_like_llama_cpp(out, back)
     if method in ("linear", "yarn", "llama3"):
         # The same config; a stated attention factor comes back through float32 metadata.
         assert (back.attention_factor is None) == (cfg.attention_factor is None)

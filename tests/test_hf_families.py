@@ -138,6 +138,20 @@ def test_layout_comes_from_the_modeling_code_not_a_list():
     assert hf_layout({"model_type": "youtu", "rope_interleave": True}) == "gptj"
 
 
+def test_layout_of_families_whose_text_rotation_is_not_a_module_rotate_half():
+    """Issue 19: Llama 4 (and DeepSeek-V2) multiply complex (2i, 2i+1) pairs and have no rotate_half; GLM-4V,
+    GLM-OCR and ERNIE 4.5 VL rotate their text with rotate_half_llm / rotate_half_text over (2i, 2i+1) beside
+    the vision tower's rotate_half over halves; the privacy filter rotates x[..., ::2] against x[..., 1::2]."""
+    from ropekit.hf.config_map import hf_layout
+
+    for model_type in ("llama4", "llama4_text", "glm4v", "glm4v_text", "glm_ocr", "ernie4_5_vl_moe",
+                       "openai_privacy_filter"):
+        assert hf_layout({"model_type": model_type}) == "gptj", model_type
+    # Families beside them that do rotate halves are still read so.
+    for model_type in ("gpt_oss", "glm4v_moe", "qwen2_5_omni", "llama"):
+        assert hf_layout({"model_type": model_type}) == "neox", model_type
+
+
 def test_each_routed_function_is_probed_for_its_own_pairing():
     """DeepSeek-V3.2 rotates its indexer's q, k rotate-half and its attention's interleaved: each function the
     attention calls is matched against ropekit by calling it, and the patch rotates each its own way."""

@@ -21,8 +21,10 @@ DATA = Path(__file__).parent / "data" / "published_configs"
 FILES = sorted(DATA.glob("*.json"))
 
 # The channel pairing each model's attention rotates with in transformers (read off its modeling code:
-# rotate_half over halves, or over (2i, 2i+1) pairs: Cohere, GLM, DeepSeek's rope_interleave).
-INTERLEAVED = {"command-r-v01", "command-r7b", "glm-4-9b-0414", "glm-4-9b-chat-hf", "deepseek-v3"}
+# rotate_half over halves, or over (2i, 2i+1) pairs: Cohere, GLM, DeepSeek's rope_interleave; Llama 4 multiplies
+# complex (2i, 2i+1) pairs by freqs_cis).
+INTERLEAVED = {"command-r-v01", "command-r7b", "glm-4-9b-0414", "glm-4-9b-chat-hf", "deepseek-v3",
+               "llama-4-scout-17b-16e"}
 
 
 def load(path: Path) -> dict:
@@ -119,3 +121,28 @@ def test_the_silently_wrong_cases_of_issue_13_read_right():
     g4 = by_name["gemma-4-style"]
     assert g4["full_attention"].method == "proportional" and g4["full_attention"].head_dim == 512
     assert g4["sliding_attention"].head_dim == 256
+
+
+def test_llama4_scout_rotates_as_transformers_complex_pairs_do():
+    """Issue 19: Llama 4's config says nothing of its pairing, and its modeling code has no rotate_half: it
+    multiplies complex (2i, 2i+1) pairs by freqs_cis. ropekit's reading must rotate q and k as that code does,
+    so that q.k agree (a rotate-half reading gives other scores)."""
+    from ropekit.hf.reference import hf_rotary_module
+    from ropekit.rotation import apply_rotary_reference
+    from transformers.models.llama4 import modeling_llama4
+
+    config = load(DATA / "llama-4-scout-17b-16e.json")
+    cfg = RopeConfig.from_hf(config)
+    assert cfg.layout == "gptj"
+    text = text_config(hf_config(config))
+    torch.manual_seed(0)
+    seq, heads = 24, 2
+    q = torch.randn(1, seq, heads, cfg.head_dim, dtype=torch.float64)
+    k = torch.randn(1, seq, heads, cfg.head_dim, dtype=torch.float64)
+    positions = (torch.arange(seq) * 997).unsqueeze(0)  # far apart: every frequency band turns
+    freqs_cis = hf_rotary_module(text)(q.float(), positions)
+    hq, hk = modeling_llama4.apply_rotary_emb(q.float(), k.float(), freqs_cis)
+    oq, ok = apply_rotary_reference(q.float(), k.float(), cfg, positions, heads_first=False)
+    theirs = torch.einsum("bqhd,bkhd->bhqk", hq.double(), hk.double())
+    ours = torch.einsum("bqhd,bkhd->bhqk", oq.double(), ok.double())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-2)  # transformers turns float32 angles

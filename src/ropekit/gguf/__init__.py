@@ -14,7 +14,9 @@ own semantics (``llama-model.cpp`` / ``llama-context.cpp`` / ggml's ``rope_yarn`
   long/short switch are measured against it.
 * YaRN: ``.rope.scaling.yarn_ext_factor`` (default 1 for yarn, else 0: how much of the ramp is mixed in),
   ``.yarn_beta_fast`` / ``.yarn_beta_slow`` (32 / 1), ``.yarn_log_multiplier`` (DeepSeek's mscale_all_dim),
-  ``.yarn_attn_factor``. The cos/sin multiplier llama.cpp ends with is ``(0.1 ln s + 1)`` (or DeepSeek's ratio)
+  ``.yarn_attn_factor``. llama.cpp reads ``yarn_ext_factor`` and the betas only for grok, laguna and mistral3
+  (``read.YARN_KEY_ARCHS``); elsewhere it runs the defaults, and so does ropekit's reading (with a warning naming
+  the ignored keys). The cos/sin multiplier llama.cpp ends with is ``(0.1 ln s + 1)`` (or DeepSeek's ratio)
   times ``.rope.scaling.attn_factor``.
 * ``.rope.scaling.attn_factor`` (default 1): multiplies cos and sin for every scaling type (Phi-3 stores its
   LongRoPE factor sqrt(1 + ln s / ln L) here).

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ropekit.methods._common import BETA_FAST, BETA_SLOW, yarn_mscale
+from ropekit.warn import warn_once
 
 # Tensor names (GGUF stores one tensor shared by every layer).
 ROPE_FREQS = "rope_freqs.weight"
@@ -33,6 +34,12 @@ SWA_FIXED_BASE = {"gemma3": 10000.0, "gemma-embedding": 10000.0}
 # llama.cpp's own defaults for the YaRN ramp: YaRN's (one home: ``ropekit.methods._common``).
 YARN_BETA_FAST = BETA_FAST.default
 YARN_BETA_SLOW = BETA_SLOW.default
+# Architectures whose llama.cpp loader reads the YaRN ramp keys below from the file (llama-model.cpp: grok's
+# and laguna's hparams read yarn_ext_factor / yarn_beta_fast / yarn_beta_slow; mistral3's read the betas its
+# converter writes). Every other architecture runs llama.cpp's defaults (ext_factor from the scaling type,
+# betas 32 / 1) whatever the file says: convert_hf_to_gguf.py writes them for any YaRN model.
+YARN_KEY_ARCHS = frozenset({"grok", "laguna", "mistral3"})
+YARN_ARCH_KEYS = ("scaling.yarn_ext_factor", "scaling.yarn_beta_fast", "scaling.yarn_beta_slow")
 
 
 # ---------------------------------------------------------------------- reading the file
@@ -134,6 +141,10 @@ class LlamaCppRope:
     log_mul: float
 
 
+def _first_set(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def _key(meta: Mapping[str, Any], arch: str, suffix: str, default: Any = None) -> Any:
     value = meta.get(f"{arch}.{suffix}")
     return default if value is None else value
@@ -176,11 +187,20 @@ def llama_cpp_hparams(source: Any, *, swa: bool = False) -> LlamaCppRope:
     original = _key(meta, arch, "rope.scaling.original_context_length", None)
     original = int(original) if original else context
 
-    ext = float(_key(meta, arch, "rope.scaling.yarn_ext_factor", -1.0))
+    yarn_keys = {suffix: _key(meta, arch, f"rope.{suffix}") for suffix in YARN_ARCH_KEYS}
+    if arch not in YARN_KEY_ARCHS:
+        ignored = [f"{arch}.rope.{suffix} = {value}" for suffix, value in yarn_keys.items() if value is not None]
+        if ignored:
+            warn_once(f"gguf: {', '.join(ignored)} ignored: llama.cpp reads these keys only for "
+                      f"{', '.join(sorted(YARN_KEY_ARCHS))} architectures and runs its defaults here (ext_factor "
+                      f"from the scaling type, beta_fast {YARN_BETA_FAST:g}, beta_slow {YARN_BETA_SLOW:g}); "
+                      f"read as llama.cpp runs the file (llama.cpp's --yarn-* flags set them when serving)")
+        yarn_keys = dict.fromkeys(YARN_ARCH_KEYS)
+    ext = float(_first_set(yarn_keys["scaling.yarn_ext_factor"], -1.0))
     if ext < 0:
         ext = 1.0 if scaling == "yarn" else 0.0
-    beta_fast = float(_key(meta, arch, "rope.scaling.yarn_beta_fast", YARN_BETA_FAST))
-    beta_slow = float(_key(meta, arch, "rope.scaling.yarn_beta_slow", YARN_BETA_SLOW))
+    beta_fast = float(_first_set(yarn_keys["scaling.yarn_beta_fast"], YARN_BETA_FAST))
+    beta_slow = float(_first_set(yarn_keys["scaling.yarn_beta_slow"], YARN_BETA_SLOW))
     log_mul = float(_key(meta, arch, "rope.scaling.yarn_log_multiplier", 0.0))
     rope_attn = float(_key(meta, arch, "rope.scaling.attn_factor", 1.0))
     attn = float(_key(meta, arch, "rope.scaling.yarn_attn_factor", 1.0))

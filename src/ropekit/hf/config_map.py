@@ -32,7 +32,9 @@ def hf_rope_dict(config: Any, layer_type: str | None = None) -> tuple[Mapping[st
     table = _hf_rope_table(d)
     ropes = {key: rope for key, rope in table.ropes.items() if rope is not None}
     distinct = {repr(sorted(rope.items())) for rope in ropes.values()}
-    if table.per_type and len(distinct) > 1:
+    # One RoPE per layer type: a layer_type picks its own, even when every type's is the same (transformers v5
+    # writes the nested form so for every model with layer types).
+    if table.per_type and (len(distinct) > 1 or layer_type is not None):
         if layer_type is None:
             raise ValueError(f"layer_type: this config has one RoPE per layer type; pass one of: "
                              f"{', '.join(sorted(ropes))} (or read them all with LayeredRope.from_hf)")
@@ -130,6 +132,14 @@ def hf_rope_fields(d: Mapping[str, Any], rope: dict[str, Any]) -> tuple[dict[str
     factor = params.get("factor")
     if "factor" in spec.required and factor is None:
         raise ValueError(f"factor: required by rope_type {method!r} in rope_parameters")
+    if method == "yarn" and factor is not None and max_pos is not None and original:
+        # transformers' own check (_validate_yarn_rope_parameters): the factor should be the ratio of the two
+        # lengths; it warns, and uses the explicit factor, as ropekit does.
+        implicit = max_pos / original
+        if implicit != factor and implicit != 1:
+            warn_once(f"rope_parameters: the YaRN factor {factor} does not match the ratio implied by the lengths "
+                      f"(max_position_embeddings / original_max_position_embeddings = {max_pos} / {original} = "
+                      f"{implicit}); using the explicit factor {factor}, as transformers does (it warns the same)")
     if not spec.unscaled and original:
         params.setdefault("original_max_position", original)
     if spec.unscaled and original:

@@ -80,14 +80,34 @@ def _probe_layout(model_type: str | None) -> str | None:
         return None
     if callable(getattr(module, "rotate_every_two", None)):
         return "gptj"
-    rotate_half = getattr(module, "rotate_half", None)
-    if not callable(rotate_half):
-        return None
     import torch
 
-    try:
-        out = rotate_half(torch.arange(4.0)).tolist()
-    except Exception:  # noqa: BLE001 - a rotate_half of another signature
-        return None
-    return {(-2.0, -3.0, 0.0, 1.0): "neox", (-1.0, 0.0, -3.0, 2.0): "gptj"}.get(tuple(out))
-
+    pairing = {(-2.0, -3.0, 0.0, 1.0): "neox", (-1.0, 0.0, -3.0, 2.0): "gptj"}
+    # The language model's own rotate function first: a multimodal module can carry the vision tower's
+    # rotate_half beside it (GLM-4V / GLM-OCR: rotate_half_llm; ERNIE 4.5 VL: rotate_half_text).
+    for name in ("rotate_half_llm", "rotate_half_text", "rotate_half"):
+        rotate_half = getattr(module, name, None)
+        if callable(rotate_half):
+            try:
+                out = rotate_half(torch.arange(4.0)).tolist()
+            except Exception:  # noqa: BLE001 - a rotate_half of another signature
+                return None
+            return pairing.get(tuple(out))
+    # No rotate_half: the rotation itself, turned by a quarter (cos 0, sin 1). Llama 4 / DeepSeek-V2 multiply
+    # complex pairs (x[2i] + i x[2i+1]) by freqs_cis; others rotate x[..., ::2] against x[..., 1::2] in place.
+    x = torch.arange(4.0).reshape(1, 1, 1, 4)
+    apply_complex = getattr(module, "apply_rotary_emb", None)
+    if callable(apply_complex):
+        try:
+            out = apply_complex(x, x, torch.full((1, 1, 2), 1j, dtype=torch.complex64))[0].flatten().tolist()
+            return pairing.get(tuple(out))
+        except Exception:  # noqa: BLE001 - an apply_rotary_emb of another signature
+            pass
+    apply_real = getattr(module, "_apply_rotary_emb", None)
+    if callable(apply_real):
+        try:
+            out = apply_real(x, torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2)).flatten().tolist()
+            return pairing.get(tuple(out))
+        except Exception:  # noqa: BLE001 - an _apply_rotary_emb of another signature
+            pass
+    return None
