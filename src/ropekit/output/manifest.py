@@ -90,6 +90,17 @@ class Manifest:
         except OSError:
             return False
 
+    def still_there(self, folder: str | Path) -> dict[str, Entry]:
+        """The entries whose file is still a regular file of the recorded size (no hashing: cheap enough to run
+        on every record; ownership itself is checked with the hash wherever it decides anything, ``owns``)."""
+        folder = Path(folder)
+        kept = {}
+        for rel, entry in self.entries.items():
+            st = lstat_or_none(folder / rel) if parents_are_real_dirs(folder, rel) else None
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
+                kept[rel] = entry
+        return kept
+
     def save(self, folder: Path, option: str = "--out") -> None:
         if not self.replaceable:
             raise OutputError(f"{option}: {folder / MANIFEST} is not ropekit's record ({self.problem}); ropekit will not "
@@ -158,7 +169,7 @@ def record(folder: str | Path, names: Iterable[str], command: str, *, option: st
     ``command``, with their size and hash. For long jobs that commit files one at a time (checkpoints)."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    kept = {rel: e for rel, e in manifest.entries.items() if manifest.owns(folder, rel)}
+    kept = manifest.still_there(folder)  # not a re-hash of every recorded file (checkpoints, weights) per record
     for name in names:
         rel = plain_relative(Path(name).as_posix())
         if rel is None:
@@ -173,7 +184,7 @@ def forget(folder: str | Path, names: Iterable[str], *, option: str = "--out") -
     folder = Path(folder)
     manifest = Manifest.load(folder)
     drop = set(names)
-    kept = {rel: e for rel, e in manifest.entries.items() if rel not in drop and manifest.owns(folder, rel)}
+    kept = {rel: e for rel, e in manifest.still_there(folder).items() if rel not in drop}
     Manifest(kept, manifest.problem, manifest.replaceable).save(folder, option)
 
 
